@@ -1,0 +1,68 @@
+"""Which amoCRM account a request means, and which hosts may be trusted as account hosts. Pure functions."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from amo_gateway.errors import BadRequest, NotConnected, NotFound, RefererRefused
+from amo_gateway.settings import Settings
+from amo_gateway.tokens import VaultData
+
+DEFAULT_ACCOUNT = "default"
+
+
+def host_of(value: str) -> str:
+    """`sub.amocrm.ru`, `https://sub.amocrm.ru/x` or `127.0.0.1:8099` -> the lower-case host[:port]."""
+    text = value.strip()
+    netloc = urlsplit(text if "//" in text else f"//{text}").netloc
+    return netloc.lower().rstrip(".")
+
+
+def configured_host(settings: Settings) -> str | None:
+    base = settings.account_base_url
+    return host_of(base) if base else None
+
+
+def multi_account(settings: Settings) -> bool:
+    """True when callbacks may connect accounts beyond the configured one."""
+    return settings.any_account or bool(settings.allowed_accounts)
+
+
+def base_url_for_referer(referer: str, settings: Settings) -> str:
+    """The account base URL a callback's `referer` names, or RefererRefused before any token call."""
+    host = host_of(referer)
+    configured = settings.account_base_url
+    if configured and host == configured_host(settings):
+        return configured
+    if multi_account(settings) and _allowed_account_host(host, settings):
+        return f"https://{host}"
+    raise RefererRefused("the callback's referer is not an allowed amoCRM account host")
+
+
+def _allowed_account_host(host: str, settings: Settings) -> bool:
+    """An amoCRM/Kommo account host `{sub}.{base domain}` from the allow-list, and an allowed account."""
+    if ":" in host or not all(part for part in host.split(".")):
+        return False
+    for base in settings.allowed_base_domains:
+        suffix = "." + base.lower()
+        sub = host[: -len(suffix)] if host.endswith(suffix) else ""
+        if sub and "." not in sub and sub != "www":
+            return settings.any_account or sub in settings.allowed_accounts or host in settings.allowed_accounts
+    return False
+
+
+def select_account(data: VaultData, selector: str | None) -> str:
+    """The account id that `?account=` (id or subdomain) names; may be left out when only one is stored."""
+    if selector:
+        if selector in data.accounts:
+            return selector
+        for account_id, account in data.accounts.items():
+            if account.subdomain and account.subdomain.lower() == selector.lower():
+                return account_id
+        raise NotFound("no connected account has that id or subdomain")
+    if len(data.accounts) == 1:
+        return next(iter(data.accounts))
+    if not data.accounts:
+        raise NotConnected("no amoCRM account is connected; run the API-key exchange or the consent flow")
+    raise BadRequest("several accounts are connected: say which with ?account=<id or subdomain>",
+                     code="account_required")

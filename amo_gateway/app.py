@@ -1,0 +1,105 @@
+"""Application assembly: every resource and background task is a cleanup_ctx."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from amo_gateway.amo_client import AmoClient
+from amo_gateway.auth import Authenticator
+from amo_gateway.cache import TestCache
+from amo_gateway.clock import Clock, SystemClock
+from amo_gateway.flows import Flows
+from amo_gateway.locks import RefreshLocks
+from amo_gateway.manager import TokenManager
+from amo_gateway.middlewares import errors_middleware
+from amo_gateway.refresher import Refresher
+from amo_gateway.routes import setup_routes
+from amo_gateway.settings import Settings
+from amo_gateway.store import Store
+from amo_gateway.typedefs import (
+    AUTH,
+    CLOCK,
+    FLOWS,
+    HTTP_SESSION,
+    MANAGER,
+    REFRESHER,
+    SETTINGS,
+    STORE,
+    TEST_CACHE,
+)
+from amo_gateway.vault import KeyRing, Vault, load_keyring
+
+
+def create_app(settings: Settings, *, clock: Clock | None = None, keys: KeyRing | None = None,
+               run_refresher: bool = True) -> web.Application:
+    """The gateway app; `clock` and `keys` are parameters so tests hand in their own."""
+    app = web.Application(middlewares=[errors_middleware], client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+    app[CLOCK] = clock or SystemClock()
+    app[AUTH] = Authenticator.from_settings(settings)
+    app[TEST_CACHE] = TestCache()
+    keyring = keys or load_keyring(settings.vault_key_file, os.environ.get("CREDENTIALS_DIRECTORY"),
+                                   settings.secret("vault_key"))
+    app.cleanup_ctx.append(_vault_ctx(Vault(settings.vault_path, keyring)))
+    app.cleanup_ctx.append(_http_ctx)
+    app.cleanup_ctx.append(_services_ctx)
+    if run_refresher:
+        app.cleanup_ctx.append(_refresher_ctx)
+    setup_routes(app)
+    return app
+
+
+def _vault_ctx(vault: Vault):  # type: ignore[no-untyped-def]
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        """Open the vault: a file that does not decrypt stops start-up here and is left untouched."""
+        await asyncio.to_thread(vault.prepare)
+        store = Store(vault)
+        await store.reload()
+        app[STORE] = store
+        yield
+
+    return ctx
+
+
+async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The one ClientSession of the process."""
+    async with aiohttp.ClientSession(headers={"User-Agent": "amo-gateway"}) as session:
+        app[HTTP_SESSION] = session
+        yield
+
+
+async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The amoCRM client, the token manager and the flows; on the way out, let sent refreshes land."""
+    settings = app[SETTINGS]
+    client = AmoClient(
+        app[HTTP_SESSION],
+        client_id=settings.client_id or "",
+        client_secret=settings.secret("client_secret") or "",
+        redirect_uri=settings.redirect_uri or "",
+        timeout=settings.upstream_timeout,
+    )
+    store = app[STORE]
+    locks = RefreshLocks(store.vault.path.with_name(store.vault.path.name + ".refresh.lock"))
+    app[MANAGER] = TokenManager(store, client, locks, app[CLOCK], margin=settings.refresh_margin)
+    app[FLOWS] = Flows(settings, store, client, app[CLOCK])
+    app[REFRESHER] = Refresher(app[MANAGER], app[CLOCK], margin=settings.refresh_margin)
+    yield
+    await asyncio.wait_for(app[MANAGER].drain(), timeout=settings.shutdown_timeout)
+    locks.close()
+
+
+async def _refresher_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The background refresher: stopped gently so a refresh in flight is stored, not cut."""
+    refresher = app[REFRESHER]
+    task = asyncio.create_task(refresher.run(), name="amo-gateway-refresher")
+    yield
+    refresher.stop()
+    try:
+        await asyncio.wait_for(task, timeout=app[SETTINGS].shutdown_timeout)
+    except TimeoutError:
+        pass  # wait_for has cancelled it; drain() below the services context still awaits sent refreshes

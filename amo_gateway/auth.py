@@ -1,0 +1,68 @@
+"""Bearer tokens of the gateway's own callers: the operator and named consumers (internal services)."""
+
+from __future__ import annotations
+
+import hmac
+
+from aiohttp import web
+
+from amo_gateway.errors import ConfigError, Unauthorized
+from amo_gateway.settings import Settings
+
+OPERATOR = "operator"
+
+
+class Authenticator:
+    """Checks `Authorization: Bearer …` in constant time; knows callers by name, never logs a token."""
+
+    def __init__(self, admin_token: str | None, consumers: dict[str, str]) -> None:
+        self._admin = admin_token
+        self._consumers = consumers
+
+    def __repr__(self) -> str:
+        return f"Authenticator(consumers={sorted(self._consumers)})"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Authenticator:
+        return cls(settings.secret("admin_token"), parse_consumers(settings.secret("consumer_tokens") or ""))
+
+    def operator(self, request: web.Request) -> str:
+        """Admit the operator only; raise Unauthorized otherwise."""
+        presented = _bearer(request)
+        if presented is not None and self._admin and _same(presented, self._admin):
+            return OPERATOR
+        raise Unauthorized("this endpoint needs the operator's bearer token (AMO_ADMIN_TOKEN)")
+
+    def consumer_or_operator(self, request: web.Request) -> str:
+        """Admit the operator or any consumer; return the caller's name for logs and the audit trail."""
+        presented = _bearer(request)
+        if presented is not None:
+            if self._admin and _same(presented, self._admin):
+                return OPERATOR
+            for name, token in self._consumers.items():
+                if _same(presented, token):
+                    return name
+        raise Unauthorized("a valid bearer token is required (the operator's or a consumer's)")
+
+
+def parse_consumers(text: str) -> dict[str, str]:
+    """`name:token` pairs separated by commas or newlines."""
+    consumers: dict[str, str] = {}
+    for item in text.replace("\n", ",").split(","):
+        if not item.strip():
+            continue
+        name, sep, token = item.strip().partition(":")
+        if not sep or not name or not token:
+            raise ConfigError("AMO_CONSUMER_TOKENS entries must be name:token (one entry has no name or token)")
+        consumers[name] = token
+    return consumers
+
+
+def _bearer(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
+def _same(presented: str, expected: str) -> bool:
+    return hmac.compare_digest(presented.encode(), expected.encode())

@@ -1,0 +1,150 @@
+"""The `amo-gateway` command: serve, and the operator's tools that work on the same vault."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from cryptography.fernet import Fernet
+
+from amo_gateway import logs
+from amo_gateway.errors import ConfigError, GatewayError
+from amo_gateway.settings import Settings, load_settings
+from amo_gateway.vault import KeyRing, Vault, load_keyring, write_key_file
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; every known failure prints one line naming the cause and exits 2."""
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except GatewayError as err:
+        print(f"amo-gateway: error: {err.detail}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="amo-gateway", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, help="YAML settings file (environment and flags override it)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", parents=[common], help="run the gateway")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--vault-path", type=Path)
+    serve.add_argument("--sandbox", action="store_true",
+                       help="with no AMO_CLIENT_SECRET, run against the built-in amoCRM sandbox (development)")
+    serve.set_defaults(func=_serve)
+    sub.add_parser("gen-key", help="print a new Fernet vault key").set_defaults(func=_gen_key)
+    rotate = sub.add_parser("rotate-key", parents=[common], help="re-encrypt the vault under a new primary key")
+    rotate.add_argument("--key-file", type=Path, help="the key file to rewrite (default: AMO_VAULT_KEY_FILE)")
+    rotate.set_defaults(func=_rotate_key)
+    url = sub.add_parser("authorize-url", parents=[common], help="print a consent-page URL with a fresh state")
+    url.add_argument("--label", help="a note kept beside the state")
+    url.set_defaults(func=_authorize_url)
+    status = sub.add_parser("status", parents=[common], help="the connected accounts, read from the vault")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=_status)
+    return parser
+
+
+def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
+    return load_settings(args.config, overrides=overrides)
+
+
+def _vault(settings: Settings) -> Vault:
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    return Vault(settings.vault_path, load_keyring(settings.vault_key_file, credentials, settings.secret("vault_key")))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from amo_gateway.serve import serve  # the server's imports are not needed by the other commands
+
+    settings = _settings(args, host=args.host, port=args.port, vault_path=args.vault_path)
+    logs.configure(settings.log_format, settings.log_level)
+    sandbox = None
+    if args.sandbox and not settings.client_secret:
+        from amo_gateway.devmode import banner, sandbox_setup
+
+        workdir = settings.vault_path.parent
+        settings, sandbox = sandbox_setup(settings, workdir)
+        banner(settings, workdir)
+    settings.require("client_id", "client_secret", "redirect_uri", "base_url", "admin_token")
+    asyncio.run(serve(settings, sandbox=sandbox))
+    return 0
+
+
+def _gen_key(args: argparse.Namespace) -> int:
+    print(Fernet.generate_key().decode())
+    return 0
+
+
+def _rotate_key(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    key_file = args.key_file or settings.vault_key_file
+    if key_file is None:
+        raise ConfigError("rotate-key needs the key file to rewrite: --key-file PATH or AMO_VAULT_KEY_FILE")
+    vault = Vault(settings.vault_path, KeyRing.parse(key_file.read_text(encoding="utf-8")))
+    new_keys = vault.keys.rotated()
+    with vault.locked():
+        data = vault.load()  # proves the old keys work before anything is written
+        write_key_file(key_file, new_keys)
+        vault.keys = new_keys
+        vault.save(data)
+    print(f"vault re-encrypted under a new primary key; {key_file} now lists {len(new_keys.keys)} keys "
+          "(restart the service so it loads them)")
+    return 0
+
+
+def _authorize_url(args: argparse.Namespace) -> int:
+    from amo_gateway.clock import SystemClock
+    from amo_gateway.flows import Flows
+    from amo_gateway.store import Store
+
+    settings = _settings(args)
+    flows = Flows(settings, Store(_vault(settings)), None, SystemClock())  # type: ignore[arg-type]
+    print(asyncio.run(flows.authorize_url(args.label)))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    data, _ = _vault(settings).read()
+    rows = [_status_row(a.to_dict()) for a in data.accounts.values()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no account connected")
+        return 0
+    print(f"{'account':<12} {'host':<36} {'state':<16} {'access expires':<20} last error")
+    for row in rows:
+        print(f"{row['account_id']:<12} {row['host']:<36} {row['state']:<16} {row['access_expires']:<20} "
+              f"{row['last_error'] or '-'}")
+    return 0
+
+
+def _status_row(raw: dict[str, Any]) -> dict[str, Any]:
+    tokens = raw.get("tokens") or {}
+    expires = tokens.get("expires_at")
+    return {
+        "account_id": raw["account_id"],
+        "host": raw["base_url"],
+        "state": raw["status"],
+        "access_expires": time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(expires)) if expires else "-",
+        "refresh_token_age_days": _age_days(raw.get("refresh_obtained_at")),
+        "long_lived": raw.get("long_lived", False),
+        "last_error": raw.get("last_error"),
+    }
+
+
+def _age_days(since: float | None) -> float | None:
+    return round((time.time() - since) / 86400, 2) if since else None

@@ -1,0 +1,202 @@
+"""The seed's OAuth flows: API-key exchange, consent URL, callback, disconnect. No HTTP types here."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+from dataclasses import dataclass
+from urllib.parse import urlencode
+
+from amo_gateway.accounts import DEFAULT_ACCOUNT, base_url_for_referer, select_account
+from amo_gateway.amo_client import AmoClient
+from amo_gateway.clock import Clock
+from amo_gateway.errors import (
+    ExchangeTooSoon,
+    Forbidden,
+    InvalidState,
+    UpstreamError,
+    UpstreamRateLimited,
+)
+from amo_gateway.logs import event
+from amo_gateway.settings import Settings
+from amo_gateway.store import Store
+from amo_gateway.tokens import (
+    Account,
+    PendingState,
+    TokenPair,
+    VaultData,
+    decode_claims,
+    fingerprint,
+    pair_from_response,
+)
+from amo_gateway.vault import Unchanged
+
+log = logging.getLogger("amo_gateway.flows")
+CALLBACK_TOKEN_TIMEOUT = 2.5  # amoCRM waits 3 s for the callback and never resends it
+
+
+@dataclass(frozen=True)
+class Connected:
+    """A callback's result: which account, and whether it came from an API-key exchange."""
+
+    account_id: str
+    from_exchange: bool
+    label: str | None
+    expires_at: float
+
+
+class Flows:
+    """Issues states, talks to amoCRM for the flows, and records the results in the vault."""
+
+    def __init__(self, settings: Settings, store: Store, client: AmoClient, clock: Clock) -> None:
+        self.settings = settings
+        self.store = store
+        self.client = client
+        self.clock = clock
+
+    async def exchange_api_key(self, login: str, api_key: str, label: str | None, account: str | None) -> None:
+        """Reserve the login's 5-minute slot, issue a state, and ask amoCRM to send a code to the callback."""
+        base_url = await self._target_base_url(account)
+        slot = _slot_key(login)
+        state = secrets.token_urlsafe(32)
+        now = self.clock.time()
+        pending = PendingState("exchange", now, now + self.settings.state_ttl, label, login, base_url)
+        await self.store.update(lambda data: _reserve(data, slot, now, _digest(state), pending))
+        try:
+            await self.client.exchange_api_key(base_url, login=login, api_key=api_key, state=state)
+        except UpstreamRateLimited as err:
+            await self._hold_slot(slot)
+            raise ExchangeTooSoon("amoCRM says the exchange was called too often for this login; retry later",
+                                  retry_after=self.settings.exchange_interval) from err
+        except UpstreamError:
+            await self.store.update(lambda data: _release(data, slot, _digest(state)))
+            raise
+        await self._hold_slot(slot)
+        event(log, "exchange.requested", login=login, label=label, state_fp=fingerprint(state))
+
+    async def authorize_url(self, label: str | None) -> str:
+        """A consent-page URL carrying a fresh single-use state."""
+        self.settings.require("client_id")
+        state = secrets.token_urlsafe(32)
+        now = self.clock.time()
+        pending = PendingState("authorize", now, now + self.settings.state_ttl, label)
+        await self.store.update(lambda data: _add_state(data, _digest(state), pending, now))
+        query = urlencode({"client_id": self.settings.client_id, "state": state, "mode": "post_message"})
+        return f"{self.settings.auth_url}?{query}"
+
+    async def callback(
+        self, code: str, state: str | None, referer: str | None, *, from_exchange: bool, from_widget: bool
+    ) -> Connected:
+        """Check state and referer before any token call, redeem the code once, and store the pair."""
+        pending = await self._peek_state(state, from_widget)
+        base_url = self._callback_base_url(referer, pending)
+        if state is not None:
+            await self._consume_state(state)
+        now = self.clock.time()
+        body = await self.client.token_from_code(base_url, code, time_limit=CALLBACK_TOKEN_TIMEOUT)
+        pair = pair_from_response(body, now)
+        account = self._account_for(pair, base_url, now)
+        await self.store.update(lambda data: data.accounts.__setitem__(account.account_id, account))
+        exchange = from_exchange or (pending is not None and pending.purpose == "exchange")
+        label = pending.label if pending else None
+        event(log, "callback.connected", account=account.account_id, from_exchange=exchange, label=label,
+              refresh_fp=fingerprint(pair.refresh_token))
+        return Connected(account.account_id, exchange, label, pair.expires_at)
+
+    async def disconnect(self, account_id: str, client_uuid: str, signature: str) -> bool:
+        """Verify amoCRM's HMAC signature in constant time, then forget the account's tokens."""
+        secret = self.settings.secret("client_secret") or ""
+        expected = hmac.new(secret.encode(), f"{client_uuid}|{account_id}".encode(), hashlib.sha256).hexdigest()
+        same_client = hmac.compare_digest(client_uuid.encode(), (self.settings.client_id or "").encode())
+        if not (secret and same_client and hmac.compare_digest(expected.encode(), signature.lower().encode())):
+            event(log, "disconnect.refused", level=logging.WARNING, account=account_id)
+            raise Forbidden("the disconnect signature does not verify", code="invalid_signature")
+        removed = await self.store.update(lambda data: _forget(data, account_id))
+        event(log, "disconnect.accepted", account=account_id, had_tokens=removed)
+        return removed
+
+    async def _target_base_url(self, account: str | None) -> str:
+        if account:
+            data = await self.store.snapshot()
+            return data.accounts[select_account(data, account)].base_url
+        self.settings.require("base_url")
+        return self.settings.account_base_url  # type: ignore[return-value]
+
+    async def _hold_slot(self, slot: str) -> None:
+        until = self.clock.time() + self.settings.exchange_interval
+        await self.store.update(lambda data: data.exchange_slots.__setitem__(slot, until))
+
+    async def _peek_state(self, state: str | None, from_widget: bool) -> PendingState | None:
+        if state is None:
+            if from_widget and self.settings.widget_installs:
+                return None
+            raise InvalidState("the callback has no state (widget installs are not enabled)", code="missing_state")
+        found = (await self.store.reload()).states.get(_digest(state))
+        if found is None or found.expires_at <= self.clock.time():
+            raise InvalidState("the state is unknown, expired or already used")
+        return found
+
+    async def _consume_state(self, state: str) -> None:
+        """Single use across processes: the one that pops it under the file lock wins."""
+        popped = await self.store.update(lambda data: _pop_state(data, _digest(state)))
+        if popped is None:
+            raise InvalidState("the state is unknown, expired or already used")
+
+    def _callback_base_url(self, referer: str | None, pending: PendingState | None) -> str:
+        if referer:
+            return base_url_for_referer(referer, self.settings)
+        if pending is not None and pending.base_url:
+            return pending.base_url
+        self.settings.require("base_url")
+        return self.settings.account_base_url  # type: ignore[return-value]
+
+    def _account_for(self, pair: TokenPair, base_url: str, now: float) -> Account:
+        claims = decode_claims(pair.access_token)
+        account_id = str(claims.get("account_id") or self.settings.account_id or DEFAULT_ACCOUNT)
+        api_domain = claims.get("api_domain") or self.settings.api_domain
+        subdomain = base_url.split("//", 1)[-1].split(".", 1)[0] if "." in base_url else None
+        return Account(account_id=account_id, base_url=base_url, api_domain=api_domain,
+                       subdomain=subdomain, connected_at=now).with_pair(pair)
+
+
+
+def _digest(state: str) -> str:
+    return hashlib.sha256(state.encode()).hexdigest()
+
+
+def _slot_key(login: str) -> str:
+    return hashlib.sha256(login.strip().lower().encode()).hexdigest()
+
+
+def _reserve(data: VaultData, slot: str, now: float, state_key: str, pending: PendingState) -> None:
+    data.prune(now)
+    until = data.exchange_slots.get(slot)
+    if until is not None and until > now:
+        raise ExchangeTooSoon("the API-key exchange for this login was called less than 5 minutes ago",
+                              retry_after=max(int(until - now) + 1, 1))
+    data.exchange_slots[slot] = now + 60  # held while amoCRM answers; replaced by the real slot after
+    data.states[state_key] = pending
+
+
+def _release(data: VaultData, slot: str, state_key: str) -> None:
+    data.exchange_slots.pop(slot, None)
+    data.states.pop(state_key, None)
+
+
+def _add_state(data: VaultData, key: str, pending: PendingState, now: float) -> None:
+    data.prune(now)
+    data.states[key] = pending
+
+
+def _pop_state(data: VaultData, key: str) -> PendingState | Unchanged[PendingState | None] | None:
+    popped = data.states.pop(key, None)
+    return popped if popped is not None else Unchanged(None)
+
+
+def _forget(data: VaultData, account_id: str) -> bool | Unchanged[bool]:
+    if data.accounts.pop(account_id, None) is None:
+        return Unchanged(False)
+    return True
+

@@ -1,0 +1,51 @@
+"""The edge: every error becomes a JSON answer with a stable `error` code and a human `detail`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from amo_gateway.errors import GatewayError
+
+log = logging.getLogger("amo_gateway.http")
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    414: "uri_too_long",
+    415: "unsupported_media_type",
+    431: "headers_too_large",
+}
+
+
+def error_response(status: int, code: str, detail: str, *, retry_after: int | None = None,
+                   **extra: Any) -> web.Response:
+    """The one shape of every refusal."""
+    headers = {"Retry-After": str(retry_after)} if retry_after else None
+    body = {"error": code, "detail": detail, **extra}
+    return web.json_response(body, status=status, headers=headers)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Domain errors and aiohttp's own HTTP errors as JSON; anything unexpected as a logged 500."""
+    try:
+        return await handler(request)
+    except GatewayError as err:
+        extra = {k: v for k, v in err.extra.items() if k in ("fields", "reason")}
+        return error_response(err.status, err.code, err.detail, retry_after=err.retry_after, **extra)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "http_error")
+        return error_response(exc.status, code, exc.reason)
+    except Exception:
+        log.exception("http.unhandled", extra={"fields": {"path": request.path, "method": request.method}})
+        return error_response(500, "internal_error", "the gateway failed unexpectedly; see its log")

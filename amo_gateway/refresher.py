@@ -1,0 +1,115 @@
+"""The background refresher: one task for all accounts, sleeping until the next pair falls due."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+from amo_gateway.clock import Clock
+from amo_gateway.logs import event
+from amo_gateway.manager import Outcome, TokenManager
+from amo_gateway.tokens import VaultData, account_due_at, backoff_delay
+
+log = logging.getLogger("amo_gateway.refresh")
+
+
+def plan(data: VaultData, now: float, margin: float, retry_at: dict[str, float]) -> tuple[list[str], float | None]:
+    """Pure: the accounts due now, and when the next one falls due (None: nothing to watch)."""
+    due: list[str] = []
+    next_at: float | None = None
+    for account_id, account in data.accounts.items():
+        when = account_due_at(account, margin)
+        if when is None:
+            continue
+        when = max(when, retry_at.get(account_id, when))
+        if when <= now:
+            due.append(account_id)
+        elif next_at is None or when < next_at:
+            next_at = when
+    return due, next_at
+
+
+class Refresher:
+    """Refreshes every account ahead of expiry with no traffic needed; transient failures back off."""
+
+    def __init__(
+        self,
+        manager: TokenManager,
+        clock: Clock,
+        *,
+        margin: float,
+        recheck: float = 60.0,
+        concurrency: int = 8,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.manager = manager
+        self.clock = clock
+        self.margin = margin
+        self.recheck = recheck
+        self._gate = asyncio.Semaphore(concurrency)
+        self._rng = rng or random.Random()  # noqa: S311 - jitter only
+        self._retry_at: dict[str, float] = {}
+        self._attempts: dict[str, int] = {}
+        self._wake = asyncio.Event()
+        self._stopping = False
+
+    def wake(self) -> None:
+        """Re-plan now (a new pair was stored, an account was added or removed)."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Finish the refreshes in progress, then leave `run` (never cut one between send and store)."""
+        self._stopping = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Until stopped: plan, refresh what is due, sleep until the next due time or a wake-up."""
+        while not self._stopping:
+            await self.tick()
+            if self._stopping:
+                break
+            data = await self.manager.store.snapshot()
+            _, next_at = plan(data, self.clock.time(), self.margin, self._retry_at)
+            delay = self.recheck if next_at is None else min(next_at - self.clock.time(), self.recheck)
+            await self._sleep(max(delay, 0.05))
+
+    async def tick(self) -> list[Outcome]:
+        """Refresh every account that is due now (bounded concurrency); returns what happened."""
+        data = await self.manager.store.snapshot()
+        now = self.clock.time()
+        due, _ = plan(data, now, self.margin, self._retry_at)
+        outcomes = await asyncio.gather(*(self._one(account_id) for account_id in due))
+        for outcome in outcomes:
+            self._note(outcome, now)
+        return list(outcomes)
+
+    async def _one(self, account_id: str) -> Outcome:
+        async with self._gate:
+            return await self.manager.refresh_if_due(account_id)
+
+    def _note(self, outcome: Outcome, now: float) -> None:
+        account_id = outcome.account_id
+        if outcome.result == "transient":
+            attempt = self._attempts.get(account_id, 0)
+            self._attempts[account_id] = attempt + 1
+            wait = 1.0 + backoff_delay(attempt, rng=self._rng)
+            if outcome.error is not None and outcome.error.retry_after:
+                wait = max(wait, float(outcome.error.retry_after))
+            self._retry_at[account_id] = now + wait
+            event(log, "refresh.retry_scheduled", account=account_id, attempt=attempt + 1, in_seconds=round(wait, 1))
+        elif outcome.result == "skipped":
+            self._retry_at[account_id] = now + 1.0  # someone else holds it; look again shortly
+        else:
+            self._retry_at.pop(account_id, None)
+            self._attempts.pop(account_id, None)
+
+    async def _sleep(self, seconds: float) -> None:
+        waker = asyncio.ensure_future(self._wake.wait())
+        sleeper = asyncio.ensure_future(self.clock.sleep(seconds))
+        try:
+            await asyncio.wait({waker, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (waker, sleeper):
+                task.cancel()
+            self._wake.clear()

@@ -1,0 +1,17 @@
+"""The URL map: the seed's prefix for the public endpoints."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from amo_gateway import views
+from amo_gateway.settings import PREFIX
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_post(f"{PREFIX}/exchange-api-key", views.exchange_api_key)
+    app.router.add_get(f"{PREFIX}/callback", views.callback)
+    app.router.add_get(f"{PREFIX}/authorize", views.authorize)
+    app.router.add_get(f"{PREFIX}/test", views.test)
+    app.router.add_get(f"{PREFIX}/token", views.token)
+    app.router.add_get(f"{PREFIX}/disconnect", views.disconnect)

@@ -1,0 +1,59 @@
+"""Running the service: runners, signals, systemd readiness and a graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from aiohttp import web
+
+from amo_gateway import systemd
+from amo_gateway.app import create_app
+from amo_gateway.logs import AccessLogger, event
+from amo_gateway.sandbox import SandboxConfig, create_sandbox_app
+from amo_gateway.settings import Settings
+
+log = logging.getLogger("amo_gateway.serve")
+
+
+async def serve(settings: Settings, *, sandbox: SandboxConfig | None = None) -> None:
+    """Serve until SIGTERM/SIGINT; the app's cleanup lets refreshes in flight land before exit."""
+    runners: list[web.AppRunner] = []
+    try:
+        if sandbox is not None:
+            port = int((settings.account_base_url or "").rsplit(":", 1)[-1])
+            runners.append(await _start(create_sandbox_app(sandbox), "127.0.0.1", port, settings))
+        runners.append(await _start(create_app(settings), settings.host, settings.port, settings))
+        event(log, "gateway.listening", host=settings.host, port=settings.port, sandbox=sandbox is not None)
+        systemd.notify("READY=1")
+        watchdog = asyncio.create_task(systemd.watchdog())
+        await _until_signalled()
+        systemd.notify("STOPPING=1")
+        watchdog.cancel()
+        event(log, "gateway.stopping")
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()
+
+
+async def _start(app: web.Application, host: str, port: int, settings: Settings) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log_class=AccessLogger, shutdown_timeout=settings.shutdown_timeout)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, shutdown_timeout=settings.shutdown_timeout)
+    await site.start()
+    return runner
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)

@@ -1,0 +1,25 @@
+"""The application's typed keys, declared once."""
+
+from __future__ import annotations
+
+import aiohttp
+from aiohttp import web
+
+from amo_gateway.auth import Authenticator
+from amo_gateway.cache import TestCache
+from amo_gateway.clock import Clock
+from amo_gateway.flows import Flows
+from amo_gateway.manager import TokenManager
+from amo_gateway.refresher import Refresher
+from amo_gateway.settings import Settings
+from amo_gateway.store import Store
+
+SETTINGS = web.AppKey("settings", Settings)
+CLOCK = web.AppKey("clock", Clock)
+STORE = web.AppKey("store", Store)
+AUTH = web.AppKey("auth", Authenticator)
+HTTP_SESSION = web.AppKey("http_session", aiohttp.ClientSession)
+MANAGER = web.AppKey("manager", TokenManager)
+FLOWS = web.AppKey("flows", Flows)
+REFRESHER = web.AppKey("refresher", Refresher)
+TEST_CACHE = web.AppKey("test_cache", TestCache)

@@ -1,0 +1,197 @@
+"""The vault file: Fernet-encrypted JSON, written atomically and durably, shared safely between processes.
+
+Sync code on purpose: callers run it through `asyncio.to_thread` (store.py) or from the CLI.
+Cross-process safety is an `flock` on `<vault>.lock`, a file that is never replaced, so the lock
+always names the same inode. flock locks belong to an open file description, so two threads of one
+process that each open the lock file exclude each other too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+
+from amo_gateway.errors import ConfigError, VaultError, VaultUndecryptable
+from amo_gateway.tokens import VaultData
+
+T = TypeVar("T")
+Signature = tuple[int, int, int, int] | None
+
+
+class Unchanged(Generic[T]):
+    """Returned by an update's change function to say: nothing changed, do not rewrite the file."""
+
+    def __init__(self, value: T) -> None:
+        self.value = value
+
+
+class KeyRing:
+    """The vault keys: the first encrypts, every one decrypts (MultiFernet)."""
+
+    def __init__(self, keys: list[str]) -> None:
+        if not keys:
+            raise ConfigError("no vault key: set AMO_VAULT_KEY_FILE (or a systemd credential 'vault-key')")
+        try:
+            self._fernets = [Fernet(k.strip().encode()) for k in keys]
+        except (ValueError, TypeError):
+            raise ConfigError("a vault key is not a valid Fernet key (make one with `amo-gateway gen-key`)") from None
+        self.keys = [k.strip() for k in keys]
+        self._multi = MultiFernet(self._fernets)
+
+    def __repr__(self) -> str:
+        return f"KeyRing({len(self.keys)} keys)"
+
+    @classmethod
+    def parse(cls, text: str) -> KeyRing:
+        """One key per line; blank lines and `#` comments are ignored."""
+        lines = [ln.strip() for ln in text.splitlines()]
+        return cls([ln for ln in lines if ln and not ln.startswith("#")])
+
+    def encrypt(self, data: bytes) -> bytes:
+        return self._multi.encrypt(data)
+
+    def decrypt(self, token: bytes) -> bytes:
+        return self._multi.decrypt(token)
+
+    def rotated(self) -> KeyRing:
+        """A ring with a new primary key in front of the current ones."""
+        return KeyRing([Fernet.generate_key().decode(), *self.keys])
+
+
+class Vault:
+    """One encrypted file plus its lock file; every change is a locked read-modify-write."""
+
+    def __init__(self, path: Path, keys: KeyRing) -> None:
+        self.path = path
+        self.keys = keys
+        self.lock_path = path.with_name(path.name + ".lock")
+
+    def prepare(self) -> None:
+        """Create the 0700 directory, tighten a looser one we own, and sweep temp files of dead writers."""
+        directory = self.path.parent
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = directory.stat()
+        if stat.S_IMODE(info.st_mode) & 0o077:
+            if info.st_uid != os.getuid():
+                raise VaultError(f"vault directory {directory} is readable by others and not ours to fix")
+            directory.chmod(0o700)
+        with self.locked():
+            for leftover in directory.glob(self.path.name + ".tmp-*"):
+                leftover.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the cross-process lock (blocking) for the duration of the block."""
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the flock
+
+    def signature(self) -> Signature:
+        """A cheap change marker of the file (inode, size, mtime, ctime), or None when it does not exist."""
+        try:
+            info = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+    def load(self) -> VaultData:
+        """Decrypt and parse; a missing file is an empty vault, an unreadable one raises VaultUndecryptable."""
+        try:
+            blob = self.path.read_bytes()
+        except FileNotFoundError:
+            return VaultData()
+        try:
+            raw = json.loads(self.keys.decrypt(blob))
+            return VaultData.from_dict(raw)
+        except InvalidToken:
+            raise VaultUndecryptable(
+                f"vault {self.path} does not decrypt with the configured keys (wrong key, tampered or truncated);"
+                " it was left untouched"
+            ) from None
+        except (ValueError, KeyError, TypeError) as err:
+            raise VaultUndecryptable(f"vault {self.path} decrypts but its content is malformed") from err
+
+    def save(self, data: VaultData) -> None:
+        """Atomic and durable: temp file in the same directory, fsync, os.replace, fsync the directory."""
+        blob = self.keys.encrypt(json.dumps(data.to_dict(), separators=(",", ":")).encode())
+        tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(blob)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self._fsync_directory()
+
+    def _fsync_directory(self) -> None:
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def update(self, change: Callable[[VaultData], T | Unchanged[T]]) -> tuple[T, VaultData, Signature]:
+        """Locked read-modify-write: `change` mutates the data in place; it is saved unless it says Unchanged."""
+        with self.locked():
+            data = self.load()
+            result = change(data)
+            if isinstance(result, Unchanged):
+                return result.value, data, self.signature()
+            self.save(data)
+            return result, data, self.signature()
+
+    def read(self) -> tuple[VaultData, Signature]:
+        """A consistent snapshot and the file signature it belongs to (both taken under the lock)."""
+        with self.locked():
+            return self.load(), self.signature()
+
+    def reencrypt(self, keys: KeyRing) -> None:
+        """Re-encrypt the vault under `keys` (its primary), under the lock; the old file is replaced atomically."""
+        with self.locked():
+            data = self.load()
+            self.keys = keys
+            self.save(data)
+
+
+def load_keyring(key_file: Path | None, credentials_dir: str | None, inline_key: str | None) -> KeyRing:
+    """The vault keys from AMO_VAULT_KEY_FILE, else $CREDENTIALS_DIRECTORY/vault-key, else AMO_VAULT_KEY."""
+    if key_file is not None:
+        return _read_key_file(key_file)
+    if credentials_dir and (Path(credentials_dir) / "vault-key").is_file():
+        return _read_key_file(Path(credentials_dir) / "vault-key")
+    if inline_key:
+        return KeyRing.parse(inline_key.replace(",", "\n"))
+    return KeyRing([])
+
+
+def _read_key_file(path: Path) -> KeyRing:
+    try:
+        return KeyRing.parse(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(f"cannot read vault key file {path}: {err.strerror}") from None
+
+
+def write_key_file(path: Path, keys: KeyRing) -> None:
+    """Write the key file atomically, mode 0600."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(keys.keys) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,124 @@
+"""HTTP handlers: parse the request, call the flows or the token manager, shape the seed's answers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from amo_gateway.accounts import select_account
+from amo_gateway.errors import UpstreamUnauthorized
+from amo_gateway.inputs import ExchangeBody, flag, json_body, query_param
+from amo_gateway.typedefs import AUTH, CLOCK, FLOWS, MANAGER, REFRESHER, SETTINGS, STORE, TEST_CACHE
+
+EXCHANGE_ACCEPTED = {
+    "message": "API key exchange request accepted",
+    "status": "accepted",
+    "note": "Authorization code will be sent to redirect URI",
+}
+
+
+async def exchange_api_key(request: web.Request) -> web.Response:
+    """POST /exchange-api-key: the seed's step 1 (202 with the seed's exact JSON)."""
+    request.app[AUTH].operator(request)
+    body = await json_body(request, ExchangeBody)
+    account = query_param(request, "account")
+    await request.app[FLOWS].exchange_api_key(body.login, body.api_key, body.state, account)
+    return web.json_response(EXCHANGE_ACCEPTED, status=202)
+
+
+async def callback(request: web.Request) -> web.Response:
+    """GET /callback: amoCRM brings a code; answer the seed's JSON well inside amoCRM's 3 s."""
+    code = query_param(request, "code", required=True)
+    assert code is not None
+    connected = await request.app[FLOWS].callback(
+        code,
+        query_param(request, "state"),
+        query_param(request, "referer"),
+        from_exchange=flag(request, "from_exchange"),
+        from_widget=flag(request, "from_widget"),
+    )
+    request.app[REFRESHER].wake()
+    request.app[TEST_CACHE].clear()
+    body: dict[str, Any] = {
+        "message": "AMO CRM successfully connected",
+        "status": "success",
+        "fromExchange": connected.from_exchange,
+        "account_id": connected.account_id,
+    }
+    if connected.label is not None:
+        body["state"] = connected.label
+    return web.json_response(body)
+
+
+async def authorize(request: web.Request) -> web.Response:
+    """GET /authorize: 302 to amoCRM's consent page with a fresh state."""
+    request.app[AUTH].operator(request)
+    url = await request.app[FLOWS].authorize_url(query_param(request, "label"))
+    return web.json_response({"url": url}, status=302, headers={"Location": url})
+
+
+async def token(request: web.Request) -> web.Response:
+    """GET /token: the current access token for internal services; never the refresh token."""
+    request.app[AUTH].consumer_or_operator(request)
+    account_id = await _account_id(request)
+    pair = await request.app[MANAGER].access(account_id)
+    now = request.app[CLOCK].time()
+    return web.json_response({
+        "access_token": pair.access_token,
+        "token_type": "Bearer",
+        "expires_at": int(pair.expires_at),
+        "expires_in": max(int(pair.expires_at - now), 0),
+        "account_id": account_id,
+    })
+
+
+async def test(request: web.Request) -> web.Response:
+    """GET /test: is the connection alive? Calls /api/v4/account, cached briefly to spare amoCRM's 7 rps."""
+    account_id = await _account_id(request)
+    cache = request.app[TEST_CACHE]
+    hit = cache.get(account_id)
+    if hit is not None:
+        return web.json_response(hit)
+    body = await _probe(request.app, account_id)
+    cache.put(account_id, body, request.app[SETTINGS].test_cache_seconds)
+    return web.json_response(body)
+
+
+async def disconnect(request: web.Request) -> web.Response:
+    """GET /disconnect: amoCRM's disconnect hook, signed with the client secret."""
+    account_id = query_param(request, "account_id", required=True)
+    client_uuid = query_param(request, "client_uuid", required=True)
+    signature = query_param(request, "signature", required=True)
+    assert account_id is not None and client_uuid is not None and signature is not None
+    removed = await request.app[FLOWS].disconnect(account_id, client_uuid, signature)
+    request.app[TEST_CACHE].clear()
+    request.app[REFRESHER].wake()
+    return web.json_response({"status": "disconnected", "account_id": account_id, "had_tokens": removed})
+
+
+async def _account_id(request: web.Request) -> str:
+    data = await request.app[STORE].snapshot()
+    return select_account(data, query_param(request, "account"))
+
+
+async def _probe(app: web.Application, account_id: str) -> dict[str, Any]:
+    manager = app[MANAGER]
+    pair = await manager.access(account_id)
+    account = await manager.connected(account_id)
+    try:
+        info = await manager.client.account(account.base_url, pair.access_token)
+    except UpstreamUnauthorized:  # the token died early: one refresh, one retry
+        await manager.refresh(account_id, seen=pair.access_token)
+        pair = await manager.access(account_id)
+        info = await manager.client.account(account.base_url, pair.access_token)
+    now = app[CLOCK].time()
+    return {
+        "status": "connected",
+        "account_id": str(info.get("id", account_id)),
+        "subdomain": info.get("subdomain"),
+        "name": info.get("name"),
+        "expires_at": int(pair.expires_at),
+        "expires_in": max(int(pair.expires_at - now), 0),
+    }
+
