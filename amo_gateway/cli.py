@@ -62,7 +62,9 @@ def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
 
 def _vault(settings: Settings) -> Vault:
     credentials = os.environ.get("CREDENTIALS_DIRECTORY")
-    return Vault(settings.vault_path, load_keyring(settings.vault_key_file, credentials, settings.secret("vault_key")))
+    vault = Vault(settings.vault_path, load_keyring(settings.vault_key_file, credentials, settings.secret("vault_key")))
+    vault.prepare()
+    return vault
 
 
 def _serve(args: argparse.Namespace) -> int:

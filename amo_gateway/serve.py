@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from typing import Any
 
 from aiohttp import web
 
@@ -38,8 +39,13 @@ async def serve(settings: Settings, *, sandbox: SandboxConfig | None = None) -> 
             await runner.cleanup()
 
 
+def runner_options(settings: Settings) -> dict[str, Any]:
+    """AppRunner options shared by the service and the tests: our access log, our shutdown timeout."""
+    return {"access_log_class": AccessLogger, "shutdown_timeout": settings.shutdown_timeout}
+
+
 async def _start(app: web.Application, host: str, port: int, settings: Settings) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log_class=AccessLogger, shutdown_timeout=settings.shutdown_timeout)
+    runner = web.AppRunner(app, **runner_options(settings))
     await runner.setup()
     site = web.TCPSite(runner, host, port, shutdown_timeout=settings.shutdown_timeout)
     await site.start()

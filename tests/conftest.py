@@ -17,6 +17,7 @@ from cryptography.fernet import Fernet
 
 from amo_gateway.app import create_app
 from amo_gateway.sandbox import SANDBOX_STATE, SandboxAccount, SandboxConfig, SandboxState, create_sandbox_app
+from amo_gateway.serve import runner_options
 from amo_gateway.settings import PREFIX, Settings
 from amo_gateway.vault import KeyRing, Vault
 
@@ -123,7 +124,9 @@ async def make_rig(tmp_path: Path, keys: KeyRing, aiohttp_client: Any) -> RigFac
         values.update(overrides)
         settings = Settings.model_validate(values)
         app = create_app(settings, clock=clock, keys=keys, run_refresher=run_refresher)
-        client = await aiohttp_client(TestServer(app, host="127.0.0.1", port=port))
+        server = TestServer(app, host="127.0.0.1", port=port)
+        await server.start_server(**runner_options(settings))  # the service's own access log and timeouts
+        client = await aiohttp_client(server)
         rig = Rig(client, app, sandbox_app[SANDBOX_STATE], sandbox_url, settings, keys,
                   {"Authorization": f"Bearer {admin_token}"})
         cleanups.append(sandbox_server.close)
