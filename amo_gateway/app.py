@@ -14,6 +14,7 @@ from amo_gateway.auth import Authenticator
 from amo_gateway.cache import TestCache
 from amo_gateway.clock import Clock, SystemClock
 from amo_gateway.flows import Flows
+from amo_gateway.forwarded import setup_forwarded
 from amo_gateway.locks import RefreshLocks
 from amo_gateway.manager import TokenManager
 from amo_gateway.middlewares import errors_middleware
@@ -50,6 +51,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None, keys: KeyRing 
     app.cleanup_ctx.append(_services_ctx)
     if run_refresher:
         app.cleanup_ctx.append(_refresher_ctx)
+    setup_forwarded(app, settings.trusted_proxies)
     setup_routes(app)
     return app
 

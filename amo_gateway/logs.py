@@ -11,6 +11,8 @@ from typing import Any
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
+from amo_gateway.forwarded import CLIENT_ADDRESS
+
 _RESERVED = set(logging.makeLogRecord({}).__dict__)
 
 
@@ -74,5 +76,5 @@ class AccessLogger(AbstractAccessLogger):
             status=response.status,
             bytes=response.body_length,
             ms=round(time * 1000, 2),
-            remote=request.remote,
+            remote=request.get(CLIENT_ADDRESS, request.remote),  # behind nginx: the client, not nginx
         )

@@ -1,0 +1,75 @@
+"""X-Forwarded-For/-Proto/-Host, believed only when the TCP peer is one of `settings.trusted_proxies`.
+
+aiohttp-remotes has three X-Forwarded middlewares and none fits alone: `XForwardedStrict` answers 400
+to every request that does not carry exactly one proxy hop, which would refuse local `/healthz` and
+`/metrics` scrapes and the operator's own curl on the box; `XForwardedRelaxed` and `XForwardedFiltered`
+never look at the TCP peer, so anyone who reaches the port directly could forge a client address.
+So the peer check lives here and the header parsing (one header each, valid addresses, 400 otherwise)
+is `XForwardedRelaxed(num=1)`'s: nginx *sets* X-Forwarded-For to `$remote_addr`, so the last entry
+is the client. From any other peer the headers are ignored, not refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from aiohttp_remotes import XForwardedRelaxed
+
+from amo_gateway.errors import ConfigError
+
+# The client address as resolved here, kept on the request that aiohttp itself created: the access
+# logger is handed that original request, never the clone the handlers see.
+CLIENT_ADDRESS = web.RequestKey("client_address", str)
+
+Network = IPv4Network | IPv6Network
+
+
+def parse_proxies(entries: Iterable[str]) -> tuple[Network, ...]:
+    """Addresses or networks (`10.0.0.0/8`); a bad entry stops start-up naming AMO_TRUSTED_PROXIES."""
+    networks = []
+    for entry in entries:
+        try:
+            networks.append(ip_network(entry.strip(), strict=False))
+        except ValueError:
+            raise ConfigError(f"AMO_TRUSTED_PROXIES: {entry!r} is not an IP address or network") from None
+    return tuple(networks)
+
+
+class TrustedProxyForwarded:
+    """Rewrites `request.remote`, `.scheme` and `.host` from X-Forwarded-* sent by a trusted peer only."""
+
+    def __init__(self, trusted: Iterable[str]) -> None:
+        self._trusted = parse_proxies(trusted)
+        self._parser = XForwardedRelaxed(num=1)
+
+    def peer_is_trusted(self, peer: str | None) -> bool:
+        """True when the TCP peer's address is inside one of the trusted networks."""
+        if not peer:
+            return False  # a UNIX socket or an unknown peer is not a configured proxy
+        try:
+            address: IPv4Address | IPv6Address = ip_address(peer)
+        except ValueError:
+            return False
+        if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # a dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d
+        return any(address in network for network in self._trusted)
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Ignore the headers from untrusted peers; otherwise let aiohttp-remotes apply them."""
+        if not self.peer_is_trusted(request.remote):
+            return await handler(request)
+
+        async def resolved(forwarded: web.Request) -> web.StreamResponse:
+            request[CLIENT_ADDRESS] = forwarded.remote or ""
+            return await handler(forwarded)
+
+        return await self._parser.middleware(request, resolved)
+
+
+def setup_forwarded(app: web.Application, trusted: Iterable[str]) -> None:
+    """Append the middleware: after the errors middleware, so a malformed header is a JSON 400."""
+    app.middlewares.append(TrustedProxyForwarded(trusted).middleware)
