@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import urlsplit
 
 from amo_gateway.errors import BadRequest, NotConnected, NotFound, RefererRefused
 from amo_gateway.settings import Settings
-from amo_gateway.tokens import VaultData
+from amo_gateway.tokens import Account, VaultData
 
 DEFAULT_ACCOUNT = "default"
 
@@ -16,6 +17,11 @@ def host_of(value: str) -> str:
     text = value.strip()
     netloc = urlsplit(text if "//" in text else f"//{text}").netloc
     return netloc.lower().rstrip(".")
+
+
+def account_url(template: str, host: str) -> str:
+    """The base URL of an account host: `https://{host}` in production (a stand-in may map it elsewhere)."""
+    return template.format(host=host_of(host)).rstrip("/")
 
 
 def configured_host(settings: Settings) -> str | None:
@@ -35,7 +41,7 @@ def base_url_for_referer(referer: str, settings: Settings) -> str:
     if configured and host == configured_host(settings):
         return configured
     if multi_account(settings) and _allowed_account_host(host, settings):
-        return f"https://{host}"
+        return account_url(settings.account_url_template, host)
     raise RefererRefused("the callback's referer is not an allowed amoCRM account host")
 
 
@@ -49,6 +55,25 @@ def _allowed_account_host(host: str, settings: Settings) -> bool:
         if sub and "." not in sub and sub != "www":
             return settings.any_account or sub in settings.allowed_accounts or host in settings.allowed_accounts
     return False
+
+
+def account_summary(account: Account, now: float) -> dict[str, Any]:
+    """What operators see of an account (CLI `status`, GET /accounts): never a token."""
+    pair = account.tokens
+    return {
+        "account_id": account.account_id,
+        "host": account.base_url,
+        "subdomain": account.subdomain,
+        "state": account.status,
+        "reason": account.reason,
+        "long_lived": account.long_lived,
+        "access_expires_at": int(pair.expires_at) if pair else None,
+        "access_expires_in": int(pair.expires_at - now) if pair else None,
+        "refresh_token_age_days": round((now - account.refresh_obtained_at) / 86400, 2)
+        if account.refresh_obtained_at and not account.long_lived else None,
+        "refresh_in_flight": account.in_flight is not None,
+        "last_error": account.last_error,
+    }
 
 
 def select_account(data: VaultData, selector: str | None) -> str:

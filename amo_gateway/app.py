@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
+from aiohttp.abc import AbstractResolver
 
 from amo_gateway.amo_client import AmoClient
 from amo_gateway.auth import Authenticator
@@ -37,8 +38,8 @@ from amo_gateway.vault import KeyRing, Vault, load_keyring
 
 
 def create_app(settings: Settings, *, clock: Clock | None = None, keys: KeyRing | None = None,
-               run_refresher: bool = True) -> web.Application:
-    """The gateway app; `clock` and `keys` are parameters so tests hand in their own."""
+               run_refresher: bool = True, resolver: AbstractResolver | None = None) -> web.Application:
+    """The gateway app; `clock`, `keys` and the DNS `resolver` are parameters so tests hand in their own."""
     app = web.Application(middlewares=[errors_middleware], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[CLOCK] = clock or SystemClock()
@@ -47,7 +48,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None, keys: KeyRing 
     keyring = keys or load_keyring(settings.vault_key_file, os.environ.get("CREDENTIALS_DIRECTORY"),
                                    settings.secret("vault_key"))
     app.cleanup_ctx.append(_vault_ctx(Vault(settings.vault_path, keyring)))
-    app.cleanup_ctx.append(_http_ctx)
+    app.cleanup_ctx.append(_http_ctx(resolver))
     app.cleanup_ctx.append(_services_ctx)
     if run_refresher:
         app.cleanup_ctx.append(_refresher_ctx)
@@ -68,11 +69,15 @@ def _vault_ctx(vault: Vault):  # type: ignore[no-untyped-def]
     return ctx
 
 
-async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The one ClientSession of the process."""
-    async with aiohttp.ClientSession(headers={"User-Agent": "amo-gateway"}) as session:
-        app[HTTP_SESSION] = session
-        yield
+def _http_ctx(resolver: AbstractResolver | None):  # type: ignore[no-untyped-def]
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        """The one ClientSession of the process."""
+        connector = aiohttp.TCPConnector(resolver=resolver) if resolver else None
+        async with aiohttp.ClientSession(headers={"User-Agent": "amo-gateway"}, connector=connector) as session:
+            app[HTTP_SESSION] = session
+            yield
+
+    return ctx
 
 
 async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -87,7 +92,8 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     store = app[STORE]
     locks = RefreshLocks(store.vault.path.with_name(store.vault.path.name + ".refresh.lock"))
-    app[MANAGER] = TokenManager(store, client, locks, app[CLOCK], margin=settings.refresh_margin)
+    app[MANAGER] = TokenManager(store, client, locks, app[CLOCK], margin=settings.refresh_margin,
+                                url_template=settings.account_url_template)
     app[FLOWS] = Flows(settings, store, client, app[CLOCK])
     app[REFRESHER] = Refresher(app[MANAGER], app[CLOCK], margin=settings.refresh_margin)
     yield

@@ -14,8 +14,10 @@ from typing import Any
 from cryptography.fernet import Fernet
 
 from amo_gateway import logs
+from amo_gateway.accounts import account_summary, account_url, host_of
 from amo_gateway.errors import ConfigError, GatewayError
 from amo_gateway.settings import Settings, load_settings
+from amo_gateway.tokens import Account, TokenPair, decode_claims
 from amo_gateway.vault import KeyRing, Vault, load_keyring, write_key_file
 
 
@@ -50,9 +52,18 @@ def _parser() -> argparse.ArgumentParser:
     url = sub.add_parser("authorize-url", parents=[common], help="print a consent-page URL with a fresh state")
     url.add_argument("--label", help="a note kept beside the state")
     url.set_defaults(func=_authorize_url)
+    audit = sub.add_parser("audit", parents=[common], help="show the audit trail beside the vault")
+    audit.add_argument("--tail", type=int, metavar="N", help="only the last N events")
+    audit.add_argument("--json", action="store_true", help="the stored JSON lines, unchanged")
+    audit.set_defaults(func=_audit)
     status = sub.add_parser("status", parents=[common], help="the connected accounts, read from the vault")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=_status)
+    imp = sub.add_parser("import-token", parents=[common], help="store a long-lived token (private integrations)")
+    imp.add_argument("token_file", help="file holding the token, or - to read it from standard input")
+    imp.add_argument("--account-id", help="default: the token's account_id claim")
+    imp.add_argument("--host", help="account host, e.g. acme.amocrm.ru (default: AMO_DOMAIN / AMO_BASE_URL)")
+    imp.set_defaults(func=_import_token)
     return parser
 
 
@@ -101,8 +112,19 @@ def _rotate_key(args: argparse.Namespace) -> int:
         write_key_file(key_file, new_keys)
         vault.keys = new_keys
         vault.save(data)
+    from amo_gateway.audit import record_now
+
+    record_now(settings.vault_path, new_keys, "key.rotated", key_count=len(new_keys.keys))
     print(f"vault re-encrypted under a new primary key; {key_file} now lists {len(new_keys.keys)} keys "
           "(restart the service so it loads them)")
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from amo_gateway.audit import show
+
+    for line in show(_settings(args).vault_path, args.tail, args.json):
+        print(line)
     return 0
 
 
@@ -120,33 +142,40 @@ def _authorize_url(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     settings = _settings(args)
     data, _ = _vault(settings).read()
-    rows = [_status_row(a.to_dict()) for a in data.accounts.values()]
+    rows = [account_summary(a, time.time()) for a in data.accounts.values()]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
         print("no account connected")
         return 0
-    print(f"{'account':<12} {'host':<36} {'state':<16} {'access expires':<20} last error")
+    print(f"{'account':<12} {'host':<34} {'state':<16} {'access expires (UTC)':<21} {'refresh age':<12} last error")
     for row in rows:
-        print(f"{row['account_id']:<12} {row['host']:<36} {row['state']:<16} {row['access_expires']:<20} "
+        expires = row["access_expires_at"]
+        when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(expires)) if expires else "-"
+        age = "long-lived" if row["long_lived"] else f"{row['refresh_token_age_days']}d"
+        print(f"{row['account_id']:<12} {row['host']:<34} {row['state']:<16} {when:<21} {age:<12} "
               f"{row['last_error'] or '-'}")
     return 0
 
 
-def _status_row(raw: dict[str, Any]) -> dict[str, Any]:
-    tokens = raw.get("tokens") or {}
-    expires = tokens.get("expires_at")
-    return {
-        "account_id": raw["account_id"],
-        "host": raw["base_url"],
-        "state": raw["status"],
-        "access_expires": time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(expires)) if expires else "-",
-        "refresh_token_age_days": _age_days(raw.get("refresh_obtained_at")),
-        "long_lived": raw.get("long_lived", False),
-        "last_error": raw.get("last_error"),
-    }
-
-
-def _age_days(since: float | None) -> float | None:
-    return round((time.time() - since) / 86400, 2) if since else None
+def _import_token(args: argparse.Namespace) -> int:
+    """Store a long-lived token (private integrations): never refreshed, its expiry watched like any other."""
+    settings = _settings(args)
+    stdin = args.token_file == "-"  # noqa: S105 - "-" means standard input, not a password
+    token = sys.stdin.readline().strip() if stdin else Path(args.token_file).read_text().strip()
+    claims = decode_claims(token)
+    account_id = str(args.account_id or claims.get("account_id") or settings.account_id or "")
+    if not account_id or not claims.get("exp"):
+        raise ConfigError("the token is not a JWT with account_id and exp claims; pass --account-id and check it")
+    base_url = account_url(settings.account_url_template, args.host) if args.host else settings.account_base_url
+    if not base_url:
+        raise ConfigError("say which account host the token belongs to: --host sub.amocrm.ru or AMO_DOMAIN")
+    now = time.time()
+    pair = TokenPair(token, None, float(claims["exp"]), now)
+    account = Account(account_id, base_url, pair, long_lived=True, api_domain=claims.get("api_domain"),
+                      subdomain=host_of(base_url).split(".", 1)[0], connected_at=now)
+    _vault(settings).update(lambda data: data.accounts.__setitem__(account_id, account))
+    print(f"stored a long-lived token for account {account_id} at {base_url}, expiring "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(pair.expires_at))}")
+    return 0

@@ -3,17 +3,19 @@
 A refresh takes the account's refresh lock, re-reads the vault under the file lock, skips when another
 process already did the work, marks the refresh as in flight, calls amoCRM, and stores the new pair
 before anyone sees it. A marker that survives a crash tells, on the next attempt, that an answer was lost.
+A batch of due accounts shares one vault write to claim them and one to store their results, so a
+refresh storm over thousands of accounts does not rewrite the vault once per account.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
-from urllib.parse import urlsplit
 
+from amo_gateway.accounts import account_url
 from amo_gateway.amo_client import AmoClient
 from amo_gateway.clock import Clock
 from amo_gateway.errors import (
@@ -27,44 +29,45 @@ from amo_gateway.errors import (
 from amo_gateway.locks import RefreshLocks
 from amo_gateway.logs import event
 from amo_gateway.store import Store
-from amo_gateway.tokens import (
-    CONNECTED,
-    Account,
-    InFlight,
-    TokenPair,
-    VaultData,
-    fingerprint,
-    needs_refresh,
-    pair_from_response,
-)
+from amo_gateway.tokens import CONNECTED, Account, InFlight, TokenPair, VaultData, fingerprint, needs_refresh
+from amo_gateway.tokens import pair_from_response as _pair_from_response
 from amo_gateway.vault import Unchanged
 
 log = logging.getLogger("amo_gateway.refresh")
 REVOKED_HINT = "Token has been revoked"
+BATCH_CONCURRENCY = 16
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What one refresh attempt came to, for the scheduler and the metrics."""
+    """What one refresh attempt came to: refreshed, skipped, transient or reauth."""
 
     account_id: str
-    result: str  # "refreshed" | "skipped" | "transient" | "reauth"
+    result: str
     account: Account | None = None
     error: UpstreamError | None = None
+    reason: str | None = None
+    pair: TokenPair | None = None
+    keep_marker: bool = False
+    moved_to: tuple[str, str | None] | None = None
+
+
+Observer = Callable[[Outcome], None]
 
 
 class TokenManager:
     """Hands out current tokens and refreshes them, one refresh per account at a time."""
 
-    def __init__(
-        self, store: Store, client: AmoClient, locks: RefreshLocks, clock: Clock, *, margin: float
-    ) -> None:
+    def __init__(self, store: Store, client: AmoClient, locks: RefreshLocks, clock: Clock, *, margin: float,
+                 url_template: str = "https://{host}") -> None:
         self.store = store
         self.client = client
         self.locks = locks
         self.clock = clock
         self.margin = margin
-        self._running: set[asyncio.Future[Outcome]] = set()
+        self.url_template = url_template
+        self.observers: list[Observer] = []
+        self._running: set[asyncio.Future[list[Outcome]]] = set()
 
     async def connected(self, account_id: str) -> Account:
         """The account with a usable pair, or NotConnected / ReauthRequired."""
@@ -79,157 +82,168 @@ class TokenManager:
         """A pair whose access token is valid now, refreshing first if it has (nearly) expired."""
         account = await self.connected(account_id)
         assert account.tokens is not None
-        if not account.tokens.expired(self.clock.time()) or account.long_lived:
+        if not account.tokens.expired(self.clock.time()):
             return account.tokens
+        if account.long_lived:
+            raise ReauthRequired("the long-lived token has expired: import a new one", reason="long_lived_expired")
         outcome = await self.refresh(account_id, seen=account.tokens.access_token)
         if outcome.result == "transient" and outcome.error is not None:
             raise outcome.error
-        return (await self.connected(account_id)).tokens  # type: ignore[return-value]
+        fresh = (await self.connected(account_id)).tokens
+        assert fresh is not None
+        return fresh
 
     async def refresh(self, account_id: str, *, seen: str | None = None) -> Outcome:
         """Refresh now (waiting for the lock) unless another worker already replaced the `seen` access token."""
-        return await self._shielded(self._refresh_waiting(account_id, seen))
+        return (await self._shielded(self._refresh_waiting(account_id, seen)))[0]
 
-    async def refresh_if_due(self, account_id: str) -> Outcome:
-        """The scheduler's entry: refresh when due; skip at once if someone else holds the lock."""
-        return await self._shielded(self._refresh_trying(account_id))
+    async def refresh_due(self, account_ids: Iterable[str]) -> list[Outcome]:
+        """The scheduler's entry: refresh the due ones as one batch; skip those someone else holds."""
+        return await self._shielded(self._refresh_batch(list(account_ids)))
 
     async def drain(self) -> None:
         """Wait for refreshes already sent to amoCRM, so that shutdown never strands a spent token."""
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
 
-    async def _shielded(self, work: Coroutine[Any, Any, Outcome]) -> Outcome:
+    async def _shielded(self, work: Coroutine[Any, Any, list[Outcome]]) -> list[Outcome]:
         """Run a refresh as its own task: a cancelled caller must not cut a refresh between send and store."""
         task = asyncio.ensure_future(work)
         self._running.add(task)
         task.add_done_callback(self._running.discard)
         return await asyncio.shield(task)
 
-    async def _refresh_waiting(self, account_id: str, seen: str | None) -> Outcome:
+    async def _refresh_waiting(self, account_id: str, seen: str | None) -> list[Outcome]:
         async with self.locks.hold(account_id):
-            return await self._refresh_locked(account_id, seen=seen)
+            return await self._claimed_run([account_id], seen)
 
-    async def _refresh_trying(self, account_id: str) -> Outcome:
-        if not await self.locks.try_hold(account_id):
-            return Outcome(account_id, "skipped")
+    async def _refresh_batch(self, account_ids: list[str]) -> list[Outcome]:
+        held = [a for a in account_ids if await self.locks.try_hold(a)]
+        skipped = [Outcome(a, "skipped") for a in account_ids if a not in held]
         try:
-            return await self._refresh_locked(account_id, seen=None)
+            return skipped + (await self._claimed_run(held, None) if held else [])
         finally:
-            self.locks.release(account_id)
+            for account_id in held:
+                self.locks.release(account_id)
 
-    async def _refresh_locked(self, account_id: str, *, seen: str | None) -> Outcome:
+    async def _claimed_run(self, account_ids: list[str], seen: str | None) -> list[Outcome]:
+        """Claim (one write), call amoCRM (bounded concurrency), store every result (one write)."""
         now = self.clock.time()
-        plan = await self.store.update(lambda data: _claim(data, account_id, now, self.margin, seen))
-        if plan is None:
-            return Outcome(account_id, "skipped", await self.store.account(account_id))
-        account, previous = plan
-        return await self._spend(account, previous)
+        claims = await self.store.update(lambda data: _claim(data, account_ids, now, self.margin, seen))
+        gate = asyncio.Semaphore(BATCH_CONCURRENCY)
 
-    async def _spend(self, account: Account, previous: InFlight | None) -> Outcome:
+        async def one(claim: tuple[Account, InFlight | None]) -> Outcome:
+            async with gate:
+                return await self._attempt(*claim)
+
+        attempts = list(await asyncio.gather(*(one(c) for c in claims)))
+        stored = await self.store.update(lambda data: _apply(data, attempts)) if attempts else {}
+        outcomes = [replace(o, account=stored.get(o.account_id)) for o in attempts]
+        unclaimed = {c[0].account_id for c in claims}
+        outcomes += [Outcome(a, "skipped", await self.store.account(a)) for a in account_ids if a not in unclaimed]
+        for outcome in outcomes:
+            self._report(outcome)
+        return outcomes
+
+    async def _attempt(self, account: Account, previous: InFlight | None) -> Outcome:
+        """Spend the refresh token once; follow an account move; never write the vault here."""
         assert account.tokens is not None and account.tokens.refresh_token is not None
-        refresh_token = account.tokens.refresh_token
+        token = account.tokens.refresh_token
         try:
-            body = await self.client.token_from_refresh(account.base_url, refresh_token)
+            body = await self.client.token_from_refresh(account.base_url, token)
         except (UpstreamUnauthorized, UpstreamNotFound) as err:
-            moved = await self._follow_move(account, refresh_token, err)
-            if moved is not None:
-                return await self._spend(moved, previous)
-            return await self._give_up(account, previous, err)
+            moved = await self._find_new_host(account, token, err)
+            if moved is None:
+                return _rejected(account, previous, err)
+            outcome = await self._attempt(replace(account, base_url=moved[0]), previous)
+            return replace(outcome, moved_to=moved)
         except UpstreamRejected as err:
-            return await self._give_up(account, previous, err)
+            return _rejected(account, previous, err)
         except UpstreamError as err:
-            return await self._transient(account, err)
-        pair = pair_from_response(body, self.clock.time())
-        stored = await self.store.update(lambda data: _store_pair(data, account.account_id, pair))
-        event(log, "refresh.ok", account=account.account_id, expires_at=round(pair.expires_at),
-              refresh_fp=fingerprint(pair.refresh_token))
-        return Outcome(account.account_id, "refreshed", stored)
+            unsure = bool(err.extra.get("maybe_processed"))  # amoCRM may have spent the token: keep the marker
+            return Outcome(account.account_id, "transient", error=err, keep_marker=unsure)
+        return Outcome(account.account_id, "refreshed", pair=_pair_from_response(body, self.clock.time()))
 
-    async def _transient(self, account: Account, err: UpstreamError) -> Outcome:
-        """Keep the old pair; the in-flight marker stays only when amoCRM may have processed the request."""
-        if not err.extra.get("maybe_processed"):
-            await self.store.update(lambda data: _clear_in_flight(data, account.account_id, err.detail))
-        event(log, "refresh.transient", level=logging.WARNING, account=account.account_id,
-              error=err.code, detail=err.detail)
-        return Outcome(account.account_id, "transient", account, err)
-
-    async def _give_up(self, account: Account, previous: InFlight | None, err: UpstreamError) -> Outcome:
-        hint = str(err.extra.get("hint") or err.detail)
-        if previous is not None and hint == REVOKED_HINT:
-            reason = "refresh_answer_lost: a refresh was sent before a crash or timeout and its answer never stored"
-        elif hint == REVOKED_HINT:
-            reason = "token_revoked: amoCRM revoked the refresh token (used elsewhere, or the integration was reset)"
-        else:
-            reason = f"refresh_rejected: {hint}"
-        stored = await self.store.update(lambda data: _mark_reauth(data, account.account_id, reason))
-        event(log, "refresh.reauth_required", level=logging.ERROR, account=account.account_id, reason=reason)
-        return Outcome(account.account_id, "reauth", stored, err)
-
-    async def _follow_move(self, account: Account, refresh_token: str, err: UpstreamError) -> Account | None:
+    async def _find_new_host(self, account: Account, token: str, err: UpstreamError) -> tuple[str, str | None] | None:
         """After a 401/404 that is not a revocation, ask api_domain where the account lives now."""
         if err.extra.get("hint") == REVOKED_HINT or not account.api_domain:
             return None
-        scheme = urlsplit(account.base_url).scheme or "https"
         try:
-            where = await self.client.current_subdomain(f"{scheme}://{account.api_domain}", refresh_token)
+            where = await self.client.current_subdomain(account_url(self.url_template, account.api_domain), token)
         except UpstreamError:
             return None
         domain = str(where.get("domain") or "")
-        new_base = f"{scheme}://{domain}" if domain else ""
+        new_base = account_url(self.url_template, domain) if domain else ""
         if not new_base or new_base == account.base_url:
             return None
-        moved = await self.store.update(lambda data: _move(data, account.account_id, new_base, where))
         event(log, "account.moved", level=logging.WARNING, account=account.account_id,
               old_host=account.base_url, new_host=new_base)
-        return moved
+        return new_base, (str(where["subdomain"]) if where.get("subdomain") else None)
+
+    def _report(self, outcome: Outcome) -> None:
+        if outcome.result == "refreshed" and outcome.pair is not None:
+            event(log, "refresh.ok", account=outcome.account_id, expires_at=round(outcome.pair.expires_at),
+                  refresh_fp=fingerprint(outcome.pair.refresh_token))
+        elif outcome.result == "transient" and outcome.error is not None:
+            event(log, "refresh.transient", level=logging.WARNING, account=outcome.account_id,
+                  error=outcome.error.code, detail=outcome.error.detail)
+        elif outcome.result == "reauth":
+            event(log, "refresh.reauth_required", level=logging.ERROR, account=outcome.account_id,
+                  reason=outcome.reason)
+        for observer in self.observers:
+            observer(outcome)
 
 
-Claim = tuple[Account, InFlight | None] | None
+def _rejected(account: Account, previous: InFlight | None, err: UpstreamError) -> Outcome:
+    """A definitive refusal: the pair is dead; say why as precisely as the evidence allows."""
+    hint = str(err.extra.get("hint") or err.detail)
+    if previous is not None and hint == REVOKED_HINT:
+        reason = "refresh_answer_lost: a refresh was sent before a crash or timeout and its answer never stored"
+    elif hint == REVOKED_HINT:
+        reason = "token_revoked: amoCRM revoked the refresh token (used elsewhere, or the integration was reset)"
+    else:
+        reason = f"refresh_rejected: {hint}"
+    return Outcome(account.account_id, "reauth", error=err, reason=reason)
 
 
-def _claim(data: VaultData, account_id: str, now: float, margin: float, seen: str | None) -> Claim | Unchanged[Claim]:
-    """Inside the file lock: decide whether this refresh still needs doing, and mark it in flight."""
-    account = data.accounts.get(account_id)
-    if account is None or account.tokens is None or account.tokens.refresh_token is None:
-        return Unchanged(None)
-    if account.status != CONNECTED or account.long_lived:
-        return Unchanged(None)
-    replaced = seen is not None and account.tokens.access_token != seen
-    if replaced or (seen is None and not needs_refresh(account, now, margin)):
-        return Unchanged(None)
-    marked = replace(account, in_flight=InFlight(fingerprint(account.tokens.refresh_token), now))
-    data.accounts[account_id] = marked
-    return marked, account.in_flight
+Claim = tuple[Account, InFlight | None]
 
 
-def _store_pair(data: VaultData, account_id: str, pair: TokenPair) -> Account | None:
-    account = data.accounts.get(account_id)
-    if account is None:  # disconnected while the refresh was in flight: forget the new pair too
-        return None
-    data.accounts[account_id] = account.with_pair(pair)
-    return data.accounts[account_id]
+def _claim(data: VaultData, account_ids: list[str], now: float, margin: float, seen: str | None
+           ) -> list[Claim] | Unchanged[list[Claim]]:
+    """Inside the file lock: which refreshes still need doing (re-read, not cached), marked in flight."""
+    claims: list[Claim] = []
+    for account_id in account_ids:
+        account = data.accounts.get(account_id)
+        if account is None or account.tokens is None or account.tokens.refresh_token is None:
+            continue
+        if account.status != CONNECTED or account.long_lived:
+            continue
+        replaced = seen is not None and account.tokens.access_token != seen
+        if replaced or (seen is None and not needs_refresh(account, now, margin)):
+            continue
+        marked = replace(account, in_flight=InFlight(fingerprint(account.tokens.refresh_token), now))
+        data.accounts[account_id] = marked
+        claims.append((marked, account.in_flight))
+    return claims if claims else Unchanged(claims)
 
 
-def _clear_in_flight(data: VaultData, account_id: str, error: str) -> None:
-    account = data.accounts.get(account_id)
-    if account is not None:
-        data.accounts[account_id] = replace(account, in_flight=None, last_error=error)
-
-
-def _mark_reauth(data: VaultData, account_id: str, reason: str) -> Account | None:
-    account = data.accounts.get(account_id)
-    if account is None:
-        return None
-    data.accounts[account_id] = account.needing_reauth(reason)
-    return data.accounts[account_id]
-
-
-def _move(data: VaultData, account_id: str, base_url: str, where: dict[str, object]) -> Account | None:
-    account = data.accounts.get(account_id)
-    if account is None:
-        return None
-    subdomain = str(where.get("subdomain") or account.subdomain or "")
-    data.accounts[account_id] = replace(account, base_url=base_url, subdomain=subdomain or None)
-    return data.accounts[account_id]
-
+def _apply(data: VaultData, outcomes: list[Outcome]) -> dict[str, Account]:
+    """Inside the file lock: store every result; an account disconnected meanwhile stays forgotten."""
+    stored: dict[str, Account] = {}
+    for outcome in outcomes:
+        account = data.accounts.get(outcome.account_id)
+        if account is None:
+            continue
+        if outcome.moved_to is not None:
+            base_url, subdomain = outcome.moved_to
+            account = replace(account, base_url=base_url, subdomain=subdomain or account.subdomain)
+        if outcome.result == "refreshed" and outcome.pair is not None:
+            account = account.with_pair(outcome.pair)
+        elif outcome.result == "reauth":
+            account = account.needing_reauth(outcome.reason or "refresh_rejected")
+        else:
+            error = outcome.error.detail if outcome.error else None
+            account = replace(account, in_flight=account.in_flight if outcome.keep_marker else None, last_error=error)
+        data.accounts[outcome.account_id] = stored[outcome.account_id] = account
+    return stored

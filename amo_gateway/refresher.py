@@ -12,6 +12,7 @@ from amo_gateway.manager import Outcome, TokenManager
 from amo_gateway.tokens import VaultData, account_due_at, backoff_delay
 
 log = logging.getLogger("amo_gateway.refresh")
+LONG_LIVED_WARNING = 14 * 86400  # two weeks' notice to mint a new long-lived token
 
 
 def plan(data: VaultData, now: float, margin: float, retry_at: dict[str, float]) -> tuple[list[str], float | None]:
@@ -40,19 +41,18 @@ class Refresher:
         *,
         margin: float,
         recheck: float = 60.0,
-        concurrency: int = 8,
         rng: random.Random | None = None,
     ) -> None:
         self.manager = manager
         self.clock = clock
         self.margin = margin
         self.recheck = recheck
-        self._gate = asyncio.Semaphore(concurrency)
         self._rng = rng or random.Random()  # noqa: S311 - jitter only
         self._retry_at: dict[str, float] = {}
         self._attempts: dict[str, int] = {}
         self._wake = asyncio.Event()
         self._stopping = False
+        self._warned: dict[str, float] = {}
 
     def wake(self) -> None:
         """Re-plan now (a new pair was stored, an account was added or removed)."""
@@ -70,23 +70,35 @@ class Refresher:
             if self._stopping:
                 break
             data = await self.manager.store.snapshot()
+            self.watch_long_lived(data)
             _, next_at = plan(data, self.clock.time(), self.margin, self._retry_at)
             delay = self.recheck if next_at is None else min(next_at - self.clock.time(), self.recheck)
             await self._sleep(max(delay, 0.05))
+
+    def watch_long_lived(self, data: VaultData) -> list[str]:
+        """Warn (at most hourly per account) when a long-lived token, which nobody refreshes, nears expiry."""
+        now = self.clock.time()
+        warned = []
+        for account_id, account in data.accounts.items():
+            if not account.long_lived or account.tokens is None:
+                continue
+            left = account.tokens.expires_at - now
+            if left < LONG_LIVED_WARNING and now - self._warned.get(account_id, -1e18) >= 3600:
+                self._warned[account_id] = now
+                warned.append(account_id)
+                event(log, "token.long_lived_expiring", level=logging.WARNING, account=account_id,
+                      expires_in_days=round(left / 86400, 2))
+        return warned
 
     async def tick(self) -> list[Outcome]:
         """Refresh every account that is due now (bounded concurrency); returns what happened."""
         data = await self.manager.store.snapshot()
         now = self.clock.time()
         due, _ = plan(data, now, self.margin, self._retry_at)
-        outcomes = await asyncio.gather(*(self._one(account_id) for account_id in due))
+        outcomes = await self.manager.refresh_due(due) if due else []
         for outcome in outcomes:
             self._note(outcome, now)
-        return list(outcomes)
-
-    async def _one(self, account_id: str) -> Outcome:
-        async with self._gate:
-            return await self.manager.refresh_if_due(account_id)
+        return outcomes
 
     def _note(self, outcome: Outcome, now: float) -> None:
         account_id = outcome.account_id

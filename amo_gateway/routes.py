@@ -15,3 +15,4 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get(f"{PREFIX}/test", views.test)
     app.router.add_get(f"{PREFIX}/token", views.token)
     app.router.add_get(f"{PREFIX}/disconnect", views.disconnect)
+    app.router.add_get(f"{PREFIX}/accounts", views.accounts)

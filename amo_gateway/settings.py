@@ -60,6 +60,7 @@ class Settings(BaseModel):
     trusted_proxies: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
     allowed_base_domains: list[str] = Field(default_factory=lambda: list(DEFAULT_BASE_DOMAINS))
     allowed_accounts: list[str] = Field(default_factory=list)
+    account_url_template: str = "https://{host}"
     any_account: bool = False
     widget_installs: bool = False
     shutdown_timeout: float = Field(default=20.0, gt=0)

@@ -6,7 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
-from amo_gateway.accounts import select_account
+from amo_gateway.accounts import account_summary, select_account
 from amo_gateway.errors import UpstreamUnauthorized
 from amo_gateway.inputs import ExchangeBody, flag, json_body, query_param
 from amo_gateway.typedefs import AUTH, CLOCK, FLOWS, MANAGER, REFRESHER, SETTINGS, STORE, TEST_CACHE
@@ -95,6 +95,14 @@ async def disconnect(request: web.Request) -> web.Response:
     request.app[TEST_CACHE].clear()
     request.app[REFRESHER].wake()
     return web.json_response({"status": "disconnected", "account_id": account_id, "had_tokens": removed})
+
+
+async def accounts(request: web.Request) -> web.Response:
+    """GET /accounts: every account's host, state, expiry, refresh-token age and last error (operator)."""
+    request.app[AUTH].operator(request)
+    data = await request.app[STORE].snapshot()
+    now = request.app[CLOCK].time()
+    return web.json_response({"accounts": [account_summary(a, now) for a in data.accounts.values()]})
 
 
 async def _account_id(request: web.Request) -> str:

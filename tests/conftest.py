@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.test_utils import TestClient, TestServer
 from cryptography.fernet import Fernet
 
@@ -24,6 +25,17 @@ from amo_gateway.vault import KeyRing, Vault
 LOGIN = "demo@example.com"
 API_KEY = "sandbox-api-key-for-tests"
 ACCOUNT_ID = 31920194
+
+
+class LoopbackResolver(AbstractResolver):
+    """Every account host (acme.amocrm.ru, api-b.amocrm.ru, …) resolves to 127.0.0.1, where the sandbox is."""
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[ResolveResult]:
+        return [{"hostname": host, "host": "127.0.0.1", "port": port, "family": socket.AF_INET, "proto": 0,
+                 "flags": socket.AI_NUMERICHOST}]
+
+    async def close(self) -> None:
+        return None
 
 
 class FakeClock:
@@ -100,14 +112,15 @@ def keys() -> KeyRing:
 async def make_rig(tmp_path: Path, keys: KeyRing, aiohttp_client: Any) -> RigFactory:
     """Build a rig; keyword arguments override gateway settings, `sandbox_*` ones the sandbox config."""
 
-    async def build(*, clock: Any = None, run_refresher: bool = True, **overrides: Any) -> Rig:
+    async def build(*, clock: Any = None, run_refresher: bool = True, resolver: Any = None, **overrides: Any) -> Rig:
         sandbox_opts = {k[len("sandbox_"):]: overrides.pop(k) for k in list(overrides) if k.startswith("sandbox_")}
         port = free_port()
         redirect = f"http://127.0.0.1:{port}{PREFIX}/callback"
         client_id, client_secret = "2912780f-a1e4-4d5d-a069-ee01422d8bef", secrets.token_hex(32)
         config = SandboxConfig(
             client_id=client_id, client_secret=client_secret, redirect_uri=redirect,
-            accounts=[SandboxAccount(ACCOUNT_ID, "demo", {LOGIN: API_KEY}, {"viewer@example.com"}, "Demo")],
+            accounts=sandbox_opts.pop("accounts", None)
+            or [SandboxAccount(ACCOUNT_ID, "demo", {LOGIN: API_KEY}, {"viewer@example.com"}, "Demo")],
             send_referer=False, **({"clock": clock.time} if clock else {}), **sandbox_opts,
         )
         sandbox_app = create_sandbox_app(config)
@@ -121,9 +134,10 @@ async def make_rig(tmp_path: Path, keys: KeyRing, aiohttp_client: Any) -> RigFac
             "consumer_tokens": "crm-sync:consumer-secret-1,reports:consumer-secret-2",
             "test_cache_seconds": 0, "shutdown_timeout": 5,
         }
-        values.update(overrides)
+        values.update({k: (v.format(sandbox_port=sandbox_server.port) if isinstance(v, str) else v)
+                       for k, v in overrides.items()})
         settings = Settings.model_validate(values)
-        app = create_app(settings, clock=clock, keys=keys, run_refresher=run_refresher)
+        app = create_app(settings, clock=clock, keys=keys, run_refresher=run_refresher, resolver=resolver)
         server = TestServer(app, host="127.0.0.1", port=port)
         await server.start_server(**runner_options(settings))  # the service's own access log and timeouts
         client = await aiohttp_client(server)

@@ -73,6 +73,8 @@ async def _upstream_rules(request: web.Request, handler: Handler) -> web.StreamR
     if route not in ROUTES:
         return await handler(request)
     state = request.app[SANDBOX_STATE]
+    if state.unknown_account_host(request.host):  # e.g. the old subdomain of a renamed account
+        return _problem(OAuthProblem(404, "Account not found", title="Not Found", detail="Unknown account host"))
     account_id = state.account_for_host(request.host).account_id
     state.hits[route] += 1
     is_api = route in ("account", "api")

@@ -112,6 +112,17 @@ class SandboxState:
                 return account
         return self.config.accounts[0]
 
+    def unknown_account_host(self, host: str | None) -> bool:
+        """True for `{sub}.{base_domain}` whose subdomain no account has (renamed away): amoCRM answers 404."""
+        hostname = (host or "").split(":", 1)[0].lower()
+        suffix = "." + self.config.base_domain.lower()
+        if not hostname.endswith(suffix):
+            return False
+        first = hostname[: -len(suffix)]
+        if first == "www" or first.startswith("api-"):
+            return False
+        return all(a.subdomain.lower() != first for a in self.config.accounts)
+
     def account(self, account_id: int) -> SandboxAccount | None:
         """The account with this id, if the sandbox serves it."""
         return next((a for a in self.config.accounts if a.account_id == account_id), None)
@@ -205,6 +216,12 @@ class SandboxState:
             self._access = {t: v for t, v in self._access.items() if v[0] != account_id}
         self.revoked_accounts.add(account_id)
         return killed
+
+    def expire_access(self, account_id: int) -> int:
+        """Kill only the account's access tokens (refresh tokens stay live), as an early expiry does."""
+        before = len(self._access)
+        self._access = {t: v for t, v in self._access.items() if v[0] != account_id}
+        return before - len(self._access)
 
     @property
     def refresh_tokens_reused(self) -> int:
