@@ -34,8 +34,12 @@ class TokenPair:
         return max(self.expires_at - self.obtained_at, 0.0)
 
     def expired(self, now: float, leeway: float = 30.0) -> bool:
-        """True when the access token is gone, or will be within `leeway` seconds."""
-        return now >= self.expires_at - leeway
+        """True when the access token is gone, or will be within `leeway` seconds (at most a quarter of its life).
+
+        The cap matters for short-lived tokens: with a leeway longer than the lifetime every caller would
+        see a fresh token as expired and spend a refresh token on each request.
+        """
+        return now >= self.expires_at - min(leeway, self.lifetime / 4)
 
 
 @dataclass(frozen=True)
