@@ -11,24 +11,30 @@ from aiohttp import web
 from aiohttp.abc import AbstractResolver
 
 from amo_gateway.amo_client import AmoClient
+from amo_gateway.audit import AuditLog, audit_ctx_body, audit_key, audit_path
 from amo_gateway.auth import Authenticator
 from amo_gateway.cache import TestCache
 from amo_gateway.clock import Clock, SystemClock
 from amo_gateway.flows import Flows
 from amo_gateway.forwarded import setup_forwarded
 from amo_gateway.locks import RefreshLocks
-from amo_gateway.manager import TokenManager
+from amo_gateway.manager import Outcome, TokenManager
+from amo_gateway.metrics import Metrics
 from amo_gateway.middlewares import errors_middleware
+from amo_gateway.proxy import Proxy
 from amo_gateway.refresher import Refresher
 from amo_gateway.routes import setup_routes
 from amo_gateway.settings import Settings
 from amo_gateway.store import Store
 from amo_gateway.typedefs import (
+    AUDIT,
     AUTH,
     CLOCK,
     FLOWS,
     HTTP_SESSION,
     MANAGER,
+    METRICS,
+    PROXY,
     REFRESHER,
     SETTINGS,
     STORE,
@@ -49,7 +55,11 @@ def create_app(settings: Settings, *, clock: Clock | None = None, keys: KeyRing 
                                    settings.secret("vault_key"))
     app.cleanup_ctx.append(_vault_ctx(Vault(settings.vault_path, keyring)))
     app.cleanup_ctx.append(_http_ctx(resolver))
+    app[METRICS] = Metrics()
+    app[AUDIT] = AuditLog(audit_path(settings.vault_path), audit_key(keyring))
+    app.cleanup_ctx.append(_audit_ctx)
     app.cleanup_ctx.append(_services_ctx)
+    app.cleanup_ctx.append(_proxy_ctx(resolver))
     if run_refresher:
         app.cleanup_ctx.append(_refresher_ctx)
     setup_forwarded(app, settings.trusted_proxies)
@@ -67,6 +77,35 @@ def _vault_ctx(vault: Vault):  # type: ignore[no-untyped-def]
         yield
 
     return ctx
+
+
+async def _audit_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The audit trail's writer (after the vault context, which creates the directory)."""
+    async for _ in audit_ctx_body(app[AUDIT]):
+        yield
+
+
+def _proxy_ctx(resolver: AbstractResolver | None):  # type: ignore[no-untyped-def]
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        """The proxy's own session (no cookie jar shared between callers, bodies left compressed)."""
+        connector = aiohttp.TCPConnector(resolver=resolver, limit=0) if resolver else aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar()) as session:
+            manager, audit = app[MANAGER], app[AUDIT]
+            manager.observers.append(app[METRICS].observe_refresh)
+            manager.observers.append(lambda outcome: _audit_refresh(audit, outcome))
+            app[PROXY] = Proxy(app[SETTINGS], session, manager, app[AUTH], app[METRICS])
+            yield
+
+    return ctx
+
+
+def _audit_refresh(audit: AuditLog, outcome: Outcome) -> None:
+    """Refreshes that changed something go to the audit trail; skips do not."""
+    if outcome.result == "skipped":
+        return
+    fresh = outcome.pair.refresh_token if outcome.pair is not None else None
+    audit.record("refresh", account=outcome.account_id, outcome=outcome.result, reason=outcome.reason,
+                 error=outcome.error.code if outcome.error else None, secrets={"refresh_token": fresh})
 
 
 def _http_ctx(resolver: AbstractResolver | None):  # type: ignore[no-untyped-def]

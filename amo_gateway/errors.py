@@ -11,9 +11,11 @@
     │   ├── InvalidState          callback state unknown, expired or spent
     │   ├── RefererRefused        callback referer is not an allowed account host
     │   ├── ExchangeTooSoon       the 5-minute per-login slot is still in use (429)
-    │   └── QueueFull             the proxy's rate-limit queue is full (429)
+    │   ├── QueueFull             the proxy's rate-limit queue is full (429)
+    │   └── IdempotencyConflict   an Idempotency-Key still in flight, reused, or with an unknown outcome (409)
     ├── NotConnected              no token pair stored for the account (503)
     ├── ReauthRequired            the stored pair is dead; a human must reconnect (503)
+    ├── AmoBanned                 amoCRM answered 403: the proxy's breaker is open (503)
     └── UpstreamError             amoCRM said no or could not be reached
         ├── UpstreamRejected      400 from amoCRM
         │   ├── UpstreamUnauthorized  401 (revoked or unknown token, wrong client)
@@ -98,6 +100,11 @@ class QueueFull(RequestRejected):
     status = 429
 
 
+class IdempotencyConflict(RequestRejected):
+    code = "idempotency_conflict"
+    status = 409
+
+
 class NotConnected(GatewayError):
     code = "not_connected"
     status = 503
@@ -105,6 +112,11 @@ class NotConnected(GatewayError):
 
 class ReauthRequired(GatewayError):
     code = "reauth_required"
+    status = 503
+
+
+class AmoBanned(GatewayError):
+    code = "amocrm_ban"
     status = 503
 
 

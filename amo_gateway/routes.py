@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from amo_gateway import views
+from amo_gateway import health, openapi, views
 from amo_gateway.settings import PREFIX
 
 
@@ -16,3 +16,8 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get(f"{PREFIX}/token", views.token)
     app.router.add_get(f"{PREFIX}/disconnect", views.disconnect)
     app.router.add_get(f"{PREFIX}/accounts", views.accounts)
+    app.router.add_route("*", f"{PREFIX}/proxy/{{path:.*}}", views.proxy)
+    app.router.add_get("/healthz", health.healthz)
+    app.router.add_get("/readyz", health.readyz)
+    app.router.add_get("/metrics", health.metrics)
+    app.router.add_get("/openapi.json", openapi.openapi_json)

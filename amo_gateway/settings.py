@@ -57,6 +57,11 @@ class Settings(BaseModel):
     test_cache_seconds: float = Field(default=5.0, ge=0)
     rate_limit: int = Field(default=7, gt=0)
     proxy_queue: int = Field(default=100, gt=0)
+    rate_guard: float = Field(default=0.1, ge=0)  # added to the 1 s window: network jitter moves arrivals
+    proxy_timeout: float = Field(default=30.0, gt=0)
+    proxy_retries: int = Field(default=2, ge=0)
+    breaker_cooldown: float = Field(default=60.0, gt=0)
+    idempotency_window: float = Field(default=3600.0, gt=0)
     trusted_proxies: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
     allowed_base_domains: list[str] = Field(default_factory=lambda: list(DEFAULT_BASE_DOMAINS))
     allowed_accounts: list[str] = Field(default_factory=list)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
+from amo_gateway.audit import AuditLog
 from amo_gateway.auth import Authenticator
 from amo_gateway.cache import TestCache
 from amo_gateway.clock import Clock
 from amo_gateway.flows import Flows
 from amo_gateway.manager import TokenManager
+from amo_gateway.metrics import Metrics
+from amo_gateway.proxy import Proxy
 from amo_gateway.refresher import Refresher
 from amo_gateway.settings import Settings
 from amo_gateway.store import Store
@@ -23,3 +26,6 @@ MANAGER = web.AppKey("manager", TokenManager)
 FLOWS = web.AppKey("flows", Flows)
 REFRESHER = web.AppKey("refresher", Refresher)
 TEST_CACHE = web.AppKey("test_cache", TestCache)
+METRICS = web.AppKey("metrics", Metrics)
+AUDIT = web.AppKey("audit", AuditLog)
+PROXY = web.AppKey("proxy", Proxy)

@@ -9,7 +9,18 @@ from aiohttp import web
 from amo_gateway.accounts import account_summary, select_account
 from amo_gateway.errors import UpstreamUnauthorized
 from amo_gateway.inputs import ExchangeBody, flag, json_body, query_param
-from amo_gateway.typedefs import AUTH, CLOCK, FLOWS, MANAGER, REFRESHER, SETTINGS, STORE, TEST_CACHE
+from amo_gateway.typedefs import (
+    AUDIT,
+    AUTH,
+    CLOCK,
+    FLOWS,
+    MANAGER,
+    PROXY,
+    REFRESHER,
+    SETTINGS,
+    STORE,
+    TEST_CACHE,
+)
 
 EXCHANGE_ACCEPTED = {
     "message": "API key exchange request accepted",
@@ -23,7 +34,9 @@ async def exchange_api_key(request: web.Request) -> web.Response:
     request.app[AUTH].operator(request)
     body = await json_body(request, ExchangeBody)
     account = query_param(request, "account")
-    await request.app[FLOWS].exchange_api_key(body.login, body.api_key, body.state, account)
+    with request.app[AUDIT].outcome("exchange.requested", "exchange.refused", secrets={"api_key": body.api_key},
+                                    login=body.login, label=body.state, account=account):
+        await request.app[FLOWS].exchange_api_key(body.login, body.api_key, body.state, account)
     return web.json_response(EXCHANGE_ACCEPTED, status=202)
 
 
@@ -31,13 +44,17 @@ async def callback(request: web.Request) -> web.Response:
     """GET /callback: amoCRM brings a code; answer the seed's JSON well inside amoCRM's 3 s."""
     code = query_param(request, "code", required=True)
     assert code is not None
-    connected = await request.app[FLOWS].callback(
-        code,
-        query_param(request, "state"),
-        query_param(request, "referer"),
-        from_exchange=flag(request, "from_exchange"),
-        from_widget=flag(request, "from_widget"),
-    )
+    state = query_param(request, "state")
+    with request.app[AUDIT].outcome("callback.accepted", "callback.refused", secrets={"code": code, "state": state},
+                                    referer=query_param(request, "referer")) as audit:
+        connected = await request.app[FLOWS].callback(
+            code,
+            state,
+            query_param(request, "referer"),
+            from_exchange=flag(request, "from_exchange"),
+            from_widget=flag(request, "from_widget"),
+        )
+        audit.update(account=connected.account_id, from_exchange=connected.from_exchange, label=connected.label)
     request.app[REFRESHER].wake()
     request.app[TEST_CACHE].clear()
     body: dict[str, Any] = {
@@ -60,9 +77,12 @@ async def authorize(request: web.Request) -> web.Response:
 
 async def token(request: web.Request) -> web.Response:
     """GET /token: the current access token for internal services; never the refresh token."""
-    request.app[AUTH].consumer_or_operator(request)
+    caller = request.app[AUTH].consumer_or_operator(request)
     account_id = await _account_id(request)
     pair = await request.app[MANAGER].access(account_id)
+    if request.app[AUDIT].first_time(caller, account_id, pair.access_token):
+        request.app[AUDIT].record("token.issued", secrets={"access_token": pair.access_token}, consumer=caller,
+                                  account=account_id)
     now = request.app[CLOCK].time()
     return web.json_response({
         "access_token": pair.access_token,
@@ -91,7 +111,9 @@ async def disconnect(request: web.Request) -> web.Response:
     client_uuid = query_param(request, "client_uuid", required=True)
     signature = query_param(request, "signature", required=True)
     assert account_id is not None and client_uuid is not None and signature is not None
-    removed = await request.app[FLOWS].disconnect(account_id, client_uuid, signature)
+    with request.app[AUDIT].outcome("disconnect.accepted", "disconnect.refused", account=account_id) as audit:
+        removed = await request.app[FLOWS].disconnect(account_id, client_uuid, signature)
+        audit.update(had_tokens=removed)
     request.app[TEST_CACHE].clear()
     request.app[REFRESHER].wake()
     return web.json_response({"status": "disconnected", "account_id": account_id, "had_tokens": removed})
@@ -103,6 +125,11 @@ async def accounts(request: web.Request) -> web.Response:
     data = await request.app[STORE].snapshot()
     now = request.app[CLOCK].time()
     return web.json_response({"accounts": [account_summary(a, now) for a in data.accounts.values()]})
+
+
+async def proxy(request: web.Request) -> web.StreamResponse:
+    """ANY /proxy/{path}: amoCRM's API through the gateway's token, rate limit and breaker (see proxy.py)."""
+    return await request.app[PROXY].handle(request)
 
 
 async def _account_id(request: web.Request) -> str:

@@ -1,0 +1,306 @@
+"""The amoCRM API proxy: `{prefix}/proxy/{path}` forwarded to the account host with the current token injected.
+
+Every upstream send passes the account's breaker and rate limiter. Bodies stream both ways; a request body
+up to RETRY_BUFFER bytes is held in memory so that it can be resent after a 401 (one refresh, one retry) or
+a 429 (idempotent methods only, with backoff). POST/PATCH are resent only under the caller's Idempotency-Key,
+and only after a 401 (amoCRM refused them before doing anything).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from amo_gateway.accounts import select_account
+from amo_gateway.auth import Authenticator
+from amo_gateway.breaker import Breakers
+from amo_gateway.errors import BadRequest, GatewayError, UpstreamTimeout, UpstreamUnavailable
+from amo_gateway.idempotency import MAX_REMEMBERED_BODY, IdempotencyStore, request_fingerprint
+from amo_gateway.logs import event
+from amo_gateway.manager import TokenManager
+from amo_gateway.metrics import Metrics
+from amo_gateway.ratelimit import Limiters
+from amo_gateway.settings import PREFIX, Settings
+
+log = logging.getLogger("amo_gateway.proxy")
+
+ROOT = f"{PREFIX}/proxy/"
+ACCOUNT_HEADER = "X-Amo-Account"
+RETRY_BUFFER = 256 * 1024
+CHUNK = 64 * 1024
+MAX_RETRY_AFTER = 5.0  # a longer Retry-After goes back to the caller instead of holding its connection
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+KEYED = frozenset({"POST", "PATCH"})
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+                        "trailer", "trailers", "transfer-encoding", "upgrade"})
+DROP_UP = HOP_BY_HOP | {"authorization", "cookie", "host", "expect", "idempotency-key", ACCOUNT_HEADER.lower(),
+                        "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip"}
+DROP_DOWN = HOP_BY_HOP | {"set-cookie", "set-cookie2"}
+SKIP_AUTO = ("Accept", "Accept-Encoding", "Content-Type", "User-Agent")  # send only what the caller sent
+
+
+@dataclass(frozen=True)
+class Body:
+    """A request body: whole in memory (resendable) or a one-shot stream (never resent)."""
+
+    data: bytes | None
+    stream: AsyncIterator[bytes] | None = None
+
+    @property
+    def resendable(self) -> bool:
+        return self.stream is None
+
+    def payload(self) -> bytes | AsyncIterator[bytes] | None:
+        return self.stream if self.stream is not None else (self.data or None)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One proxied request as the gateway will send it."""
+
+    consumer: str
+    account_id: str
+    method: str
+    target: str  # path and query, percent-encoded as the caller sent them, without `account`
+    headers: CIMultiDict[str]
+    body: Body
+    key: str | None
+
+    def may_resend(self, status: int) -> bool:
+        """Whether this answer may be retried: 401 for safe or keyed methods, 429 for idempotent ones."""
+        if not self.body.resendable:
+            return False
+        if status == 401:
+            return self.method in IDEMPOTENT or self.key is not None
+        return status == 429 and self.method in IDEMPOTENT
+
+
+class Proxy:
+    """Forwards callers' requests to amoCRM under one rate budget and breaker per account."""
+
+    def __init__(self, settings: Settings, session: aiohttp.ClientSession, manager: TokenManager,
+                 auth: Authenticator, metrics: Metrics, *, rng: random.Random | None = None) -> None:
+        self.settings = settings
+        self.session = session
+        self.manager = manager
+        self.auth = auth
+        self.metrics = metrics
+        self.limiters = Limiters(settings.rate_limit, settings.proxy_queue, window=1.0 + settings.rate_guard)
+        self.breakers = Breakers(settings.breaker_cooldown, time.monotonic)
+        self.idempotency = IdempotencyStore(settings.idempotency_window)
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.upstream_timeout,
+                                              sock_read=settings.proxy_timeout)
+        self._rng = rng or random.Random()  # noqa: S311 - jitter only
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Any method on `{prefix}/proxy/{path}`."""
+        consumer = self.auth.consumer_or_operator(request)
+        account_id = await self._account(request)
+        started = time.monotonic()
+        try:
+            return await self._handle(request, consumer, account_id, started)
+        except GatewayError as err:
+            self.metrics.proxy_requests.labels(account_id, str(err.status)).inc()
+            raise
+
+    async def _handle(self, request: web.Request, consumer: str, account_id: str,
+                      started: float) -> web.StreamResponse:
+        call = await self._call(request, consumer, account_id)
+        if call.key is not None:
+            replay = self.idempotency.begin(consumer, call.key, request_fingerprint(call.method, call.target))
+            if replay is not None:
+                self._count(account_id, replay.status or 0, started)
+                return _replayed(replay.status or 0, replay.headers, replay.body or b"")
+        resp = await self._exchange(call)
+        self._count(account_id, resp.status, started)
+        try:
+            if call.key is not None:
+                return await self._relay_remembered(request, call, resp)
+            return await _relay(request, resp, b"")
+        finally:
+            resp.release()
+
+    async def _account(self, request: web.Request) -> str:
+        selector = request.headers.get(ACCOUNT_HEADER) or request.query.get("account")
+        return select_account(await self.manager.store.snapshot(), selector)
+
+    async def _call(self, request: web.Request, consumer: str, account_id: str) -> Call:
+        target = _target(request.raw_path)
+        headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in _dropped(request))
+        key = request.headers.get("Idempotency-Key") if request.method in KEYED else None
+        body = await _read_body(request)
+        if body.resendable:
+            headers.popall("Content-Length", None)  # aiohttp sets it from the bytes
+        return Call(consumer, account_id, request.method, target, headers, body, key)
+
+    async def _exchange(self, call: Call) -> aiohttp.ClientResponse:
+        """Send, with one refresh-and-retry on 401 and bounded backoff on 429; the last answer is returned."""
+        refreshed, attempt = False, 0
+        while True:
+            token = (await self.manager.access(call.account_id)).access_token
+            resp = await self._send_once(call, token)
+            if resp.status == 401 and not refreshed:
+                refreshed = True
+                event(log, "proxy.upstream_401", level=logging.WARNING, account=call.account_id)
+                await self.manager.refresh(call.account_id, seen=token)
+                if call.may_resend(401):
+                    resp.release()
+                    self.metrics.upstream_retries.labels(call.account_id, "401").inc()
+                    continue
+            elif resp.status == 429 and call.may_resend(429) and attempt < self.settings.proxy_retries:
+                delay = self._backoff(resp, attempt)
+                if delay is not None:
+                    resp.release()
+                    attempt += 1
+                    self.metrics.upstream_retries.labels(call.account_id, "429").inc()
+                    await asyncio.sleep(delay)
+                    continue
+            return resp
+
+    async def _send_once(self, call: Call, token: str) -> aiohttp.ClientResponse:
+        breaker = self.breakers.get(call.account_id)
+        breaker.fail_fast()
+        await self.limiters.get(call.account_id).acquire()
+        breaker.before_call()
+        account = await self.manager.connected(call.account_id)
+        url = URL(account.base_url.rstrip("/") + call.target, encoded=True)
+        headers = CIMultiDict(call.headers)
+        headers["Authorization"] = f"Bearer {token}"
+        try:
+            resp = await self.session.request(call.method, url, headers=headers, data=call.body.payload(),
+                                              allow_redirects=False, timeout=self._timeout,
+                                              skip_auto_headers=SKIP_AUTO, auto_decompress=False)
+        except BaseException as exc:
+            breaker.call_failed()
+            self._fail_key(call, exc)
+            raise _upstream_error(exc) from None
+        breaker.after_call(resp.status)
+        return resp
+
+    def _fail_key(self, call: Call, exc: BaseException) -> None:
+        if call.key is None:
+            return
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            self.idempotency.forget(call.consumer, call.key)  # never connected: nothing reached amoCRM
+        else:
+            self.idempotency.unknown(call.consumer, call.key)
+
+    def _backoff(self, resp: aiohttp.ClientResponse, attempt: int) -> float | None:
+        """Seconds to wait before retrying a 429; None when amoCRM asks for longer than a caller should hold."""
+        said = resp.headers.get("Retry-After", "")
+        if said.isdigit():
+            return float(said) if float(said) <= MAX_RETRY_AFTER else None
+        return float(min(MAX_RETRY_AFTER, 0.25 * 2**attempt + self._rng.uniform(0, 0.25)))
+
+    async def _relay_remembered(self, request: web.Request, call: Call,
+                                resp: aiohttp.ClientResponse) -> web.StreamResponse:
+        """Read the answer (up to the replay limit), remember it under the key, then pass it on."""
+        assert call.key is not None
+        head = await _read_up_to(resp.content, MAX_REMEMBERED_BODY)
+        kept = head if len(head) <= MAX_REMEMBERED_BODY else None
+        self.idempotency.finish(call.consumer, call.key, resp.status, _down_headers(resp), kept)
+        return await _relay(request, resp, head)
+
+    def _count(self, account_id: str, status: int, started: float) -> None:
+        self.metrics.proxy_requests.labels(account_id, str(status)).inc()
+        self.metrics.proxy_latency.labels(account_id).observe(time.monotonic() - started)
+
+
+def _target(raw_path: str) -> str:
+    """`/api/v4/leads?limit=50` from the raw request path, refusing dot segments; `account=` dropped."""
+    path, _, query = raw_path.partition("?")
+    if not path.startswith(ROOT):
+        raise BadRequest("the proxied path must follow /proxy/ literally", code="bad_proxy_path")
+    tail = path[len(ROOT):]
+    if any(unquote(seg) in (".", "..") or "\\" in unquote(seg) for seg in tail.split("/")):
+        raise BadRequest("the proxied path may not hold . or .. segments", code="bad_proxy_path")
+    kept = [p for p in query.split("&") if p and unquote(p.partition("=")[0]) != "account"]
+    return "/" + tail + ("?" + "&".join(kept) if kept else "")
+
+
+def _dropped(request: web.Request) -> set[str]:
+    """Header names never sent upstream: hop-by-hop, the caller's credentials, and those `Connection` lists."""
+    listed = {h.strip().lower() for h in request.headers.get("Connection", "").split(",") if h.strip()}
+    return set(DROP_UP) | listed
+
+
+async def _read_body(request: web.Request) -> Body:
+    """Up to RETRY_BUFFER bytes in memory; a longer body continues as a stream of what is left."""
+    if not request.body_exists:
+        return Body(b"")
+    chunks: list[bytes] = []
+    size = 0
+    while size <= RETRY_BUFFER:
+        chunk = await request.content.readany()
+        if not chunk:
+            return Body(b"".join(chunks))
+        chunks.append(chunk)
+        size += len(chunk)
+    return Body(None, _continue(b"".join(chunks), request.content))
+
+
+async def _continue(head: bytes, rest: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    yield head
+    async for chunk in rest.iter_chunked(CHUNK):
+        yield chunk
+
+
+async def _read_up_to(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """Read until EOF or just past `limit` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while size <= limit:
+        chunk = await content.readany()
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _down_headers(resp: aiohttp.ClientResponse) -> tuple[tuple[str, str], ...]:
+    listed = {h.strip().lower() for h in resp.headers.get("Connection", "").split(",") if h.strip()}
+    return tuple((k, v) for k, v in resp.headers.items() if k.lower() not in DROP_DOWN and k.lower() not in listed)
+
+
+async def _relay(request: web.Request, resp: aiohttp.ClientResponse, head: bytes) -> web.StreamResponse:
+    """amoCRM's status, headers (minus hop-by-hop and cookies) and body, streamed chunk by chunk."""
+    out = web.StreamResponse(status=resp.status, reason=resp.reason)
+    out.headers.extend(_down_headers(resp))
+    await out.prepare(request)
+    if head:
+        await out.write(head)
+    async for chunk in resp.content.iter_chunked(CHUNK):
+        await out.write(chunk)
+    await out.write_eof()
+    return out
+
+
+def _replayed(status: int, headers: tuple[tuple[str, str], ...], body: bytes) -> web.Response:
+    """A remembered answer, marked as a replay."""
+    out = web.Response(status=status, body=body)
+    out.headers.extend((k, v) for k, v in headers if k.lower() not in ("content-length", "content-type"))
+    for k, v in headers:
+        if k.lower() == "content-type":
+            out.headers["Content-Type"] = v
+    out.headers["Idempotent-Replayed"] = "true"
+    return out
+
+
+def _upstream_error(exc: BaseException) -> BaseException:
+    """A transport failure as the domain error the middleware shapes; anything else unchanged."""
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout("amoCRM did not answer the proxied request in time", maybe_processed=True)
+    if isinstance(exc, aiohttp.ClientError):
+        return UpstreamUnavailable(f"cannot reach amoCRM ({type(exc).__name__})")
+    return exc
