@@ -9,7 +9,7 @@ import hmac
 import json
 import random
 import zlib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 Status = Literal["connected", "reauth_required"]
@@ -68,7 +68,11 @@ class Account:
     connected_at: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain JSON-ready dict; a shallow copy per level, since asdict's deep copies dominate vault saves."""
+        raw = dict(vars(self))
+        raw["tokens"] = dict(vars(self.tokens)) if self.tokens else None
+        raw["in_flight"] = dict(vars(self.in_flight)) if self.in_flight else None
+        return raw
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Account:
@@ -117,7 +121,7 @@ class VaultData:
         return {
             "version": self.version,
             "accounts": {k: a.to_dict() for k, a in self.accounts.items()},
-            "states": {k: asdict(s) for k, s in self.states.items()},
+            "states": {k: dict(vars(s)) for k, s in self.states.items()},
             "exchange_slots": dict(self.exchange_slots),
         }
 
