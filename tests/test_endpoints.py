@@ -263,3 +263,20 @@ async def test_disconnect_with_bad_signature_changes_nothing(rig: Rig) -> None:
     assert rig.settings.vault_path.read_bytes() == before
     missing = await rig.client.get(rig.url("/disconnect"), params={"account_id": str(ACCOUNT_ID)})
     assert missing.status == 400
+
+
+async def test_browser_consent_flow_connects_through_the_sandbox_consent_page(make_rig: RigFactory) -> None:
+    """/authorize → consent page (sandbox, auto-approved) → callback with code, state and referer → connected."""
+    import aiohttp
+
+    rig = await make_rig(auth_url="http://127.0.0.1:{sandbox_port}/oauth")
+    async with aiohttp.ClientSession() as browser:
+        async with browser.get(rig.client.make_url(rig.url("/authorize")), headers=rig.admin) as resp:
+            assert resp.status == 200, await resp.text()
+            body = await resp.json()
+            hops = [str(h.url) for h in resp.history]
+    assert body["fromExchange"] is False
+    assert any("/oauth?client_id=" in h for h in hops)
+    assert str(resp.url).split("?")[0].endswith("/callback")
+    data, _ = rig.vault().read()
+    assert str(ACCOUNT_ID) in data.accounts

@@ -288,6 +288,22 @@ async def _authorize(request: web.Request) -> web.StreamResponse:
     return web.json_response({"code": code, "redirect": str(redirect), "account_id": account.account_id})
 
 
+async def _consent(request: web.Request) -> web.StreamResponse:
+    """GET /oauth: the consent page, auto-approved (a test tool has nobody to click "Allow")."""
+    state = request.app[SANDBOX_STATE]
+    if request.query.get("client_id") != state.config.client_id:
+        raise web.HTTPBadRequest(text="unknown client_id")
+    raw = request.query.get("account_id", "")
+    account = _control_account(state, {"account_id": int(raw)} if raw.isdigit() else {})
+    query = {"code": state.issue_code(account.account_id)}
+    if "state" in request.query:
+        query["state"] = request.query["state"]
+    # The account host; when the sandbox is reached by address (make run), that address is the account host.
+    on_ip = not request.host.split(":")[0].endswith(state.config.base_domain)
+    query["referer"] = request.host if on_ip else state.config.account_host(account)
+    raise web.HTTPFound(URL(state.config.redirect_uri).extend_query(query))
+
+
 async def _revoke(request: web.Request) -> web.StreamResponse:
     """POST /_sandbox/revoke: the user disconnected the integration; its tokens die."""
     state, data = request.app[SANDBOX_STATE], await _control_body(request)
@@ -327,4 +343,5 @@ def create_sandbox_app(config: SandboxConfig) -> web.Application:
     router.add_post("/_sandbox/faults", _faults)
     router.add_post("/_sandbox/authorize", _authorize)
     router.add_post("/_sandbox/revoke", _revoke)
+    router.add_get("/oauth", _consent)
     return app
