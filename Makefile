@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test check lint typecheck evidence bench clean
+.PHONY: install run test check lint typecheck evidence bench clean nginx-available
 
 install: $(STAMP)
 
@@ -17,8 +17,12 @@ $(STAMP): pyproject.toml
 run: install
 	$(BIN)/amo-gateway serve --config config.yaml --sandbox
 
-test: install
+test: install nginx-available
 	$(BIN)/python -m pytest -q -m "not evidence"
+
+# The deployment tests run Debian's nginx for real; installed here (apt-get) when missing.
+nginx-available:
+	@bash scripts/ensure-nginx.sh
 
 lint: install
 	$(BIN)/ruff check amo_gateway tests
