@@ -1,0 +1,54 @@
+"""SIGKILL the real gateway process again and again: the vault always decrypts and no token is lost."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def run_script(name: str, tmp_path: Path, *args: str, timeout: float) -> dict[str, Any]:
+    """Run an evidence script with its own sandbox and gateways; return the figures it reports."""
+    report = tmp_path / "report.json"
+    done = subprocess.run([sys.executable, str(SCRIPTS / name), *args, "--report", str(report)],
+                          capture_output=True, text=True, timeout=timeout, check=False)
+    assert report.exists(), done.stderr[-3000:]
+    figures: dict[str, Any] = json.loads(report.read_text())
+    print(json.dumps(figures, indent=2))  # shown by pytest -s / on failure: the measured figures
+    return figures
+
+
+def assert_no_token_lost(figures: dict[str, Any], kills: int) -> None:
+    """The crash loop's invariants, as the script measured them."""
+    assert figures["failures"] == []
+    assert figures["kills"] == kills
+    assert sum(figures["outcomes"].values()) == kills
+    assert set(figures["outcomes"]) <= {"connected", "reauth_refresh_answer_lost"}
+    assert figures["final_state"] == "connected"
+    # a spent token is presented again only to learn that its answer was lost, once per such loss
+    assert figures["refresh_tokens_reused"] <= figures["outcomes"].get("reauth_refresh_answer_lost", 0)
+
+
+@pytest.mark.slow
+def test_twenty_sigkills_leave_a_decryptable_vault_and_a_connected_gateway(tmp_path: Path) -> None:
+    """20 kills (random, mid-write, mid-refresh, answer lost): every comeback is connected or provably lost."""
+    figures = run_script("crashloop.py", tmp_path, "--kills", "20", "--seed", "3", "--max-seconds", "75",
+                         timeout=120)
+    assert_no_token_lost(figures, 20)
+    assert figures["refreshes_sent"] >= 10  # refreshes really were constant while it was being killed
+    assert figures["outcomes"].get("reauth_refresh_answer_lost", 0) > 0  # seed 3 drops answers, then kills
+
+
+@pytest.mark.evidence
+def test_two_hundred_sigkills_never_lose_a_token(tmp_path: Path) -> None:
+    """≥200 kills, incl. mid-refresh and mid-vault-write: never silently broken, never an older pair."""
+    figures = run_script("crashloop.py", tmp_path, "--kills", "200", "--max-seconds", "1200", timeout=1500)
+    assert_no_token_lost(figures, 200)
+    assert figures["kills_mid_vault_write"] > 0
+    assert figures["outcomes"].get("reauth_refresh_answer_lost", 0) > 0
