@@ -1,0 +1,209 @@
+"""The shipped systemd unit: systemd-analyze's verdicts, and its contract with the app, run for real."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography.fernet import Fernet
+
+from amo_gateway.settings import CREDENTIAL_FILES, Settings, load_settings
+from amo_gateway.tokens import VaultData
+from amo_gateway.vault import KeyRing, Vault
+from tests.deploy_procs import (
+    ROOT,
+    Credentials,
+    NotifySocket,
+    Process,
+    free_port,
+    gateway_command,
+    gateway_env,
+)
+
+UNIT = ROOT / "systemd" / "amo-gateway.service"
+ENV_FILE = ROOT / "systemd" / "amo-gateway.env"
+CTL = ROOT / "systemd" / "amo-gateway-ctl"
+ANALYZE = shutil.which("systemd-analyze")
+needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed (package systemd)")
+SECRET_VARIABLES = {"AMO_CLIENT_SECRET", "AMO_ADMIN_TOKEN", "AMO_CONSUMER_TOKENS", "AMO_VAULT_KEY"}
+MAX_EXPOSURE = 2.0
+
+
+def unit_values(key: str, path: Path = UNIT) -> list[str]:
+    """Every value of `key` in the unit file, in order (systemd keys may repeat)."""
+    pattern = re.compile(rf"^{re.escape(key)}=(.*)$")
+    return [m.group(1).strip() for line in path.read_text(encoding="utf-8").splitlines()
+            if (m := pattern.match(line.strip()))]
+
+
+def env_file_values(path: Path = ENV_FILE) -> dict[str, str]:
+    """KEY=value lines of an EnvironmentFile, comments and blanks skipped."""
+    pairs = (line.split("=", 1) for line in path.read_text(encoding="utf-8").splitlines()
+             if line.strip() and not line.lstrip().startswith("#"))
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def verify_root(tmp_path: Path, unit_text: str) -> tuple[Path, Path]:
+    """A root with the system's units, ExecStart's program (an empty script) and the unit to verify."""
+    root = tmp_path / "root"
+    (root / "usr/lib/systemd").mkdir(parents=True)
+    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+    program = root / unit_values("ExecStart")[0].split()[0].lstrip("/")
+    program.parent.mkdir(parents=True)
+    program.write_text("#!/bin/sh\n", encoding="utf-8")
+    program.chmod(0o755)
+    unit = root / "etc/systemd/system" / UNIT.name
+    unit.parent.mkdir(parents=True)
+    unit.write_text(unit_text, encoding="utf-8")
+    return root, unit
+
+
+def analyze_verify(root: Path, unit: Path) -> subprocess.CompletedProcess[str]:
+    assert ANALYZE is not None
+    return subprocess.run([ANALYZE, "verify", f"--root={root}", str(unit)], capture_output=True, text=True,
+                          timeout=60)
+
+
+@needs_analyze
+def test_systemd_analyze_verify_prints_nothing(tmp_path: Path) -> None:
+    """`systemd-analyze verify` on the shipped unit, in a root where ExecStart's path exists, says nothing."""
+    result = analyze_verify(*verify_root(tmp_path, UNIT.read_text(encoding="utf-8")))
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+@needs_analyze
+def test_systemd_analyze_verify_would_catch_a_mistake(tmp_path: Path) -> None:
+    """The same harness reports a misspelt key, so its silence above means something."""
+    broken = UNIT.read_text(encoding="utf-8").replace("ProtectSystem=strict", "ProtectSistem=strict")
+    result = analyze_verify(*verify_root(tmp_path, broken))
+    assert "ProtectSistem" in result.stdout + result.stderr
+
+
+@needs_analyze
+def test_systemd_analyze_security_exposure_is_at_most_2(tmp_path: Path) -> None:
+    """`systemd-analyze security --offline=yes --threshold=20` passes and the overall exposure is <= 2.0."""
+    assert ANALYZE is not None
+    result = subprocess.run([ANALYZE, "security", "--offline=yes", f"--threshold={int(MAX_EXPOSURE * 10)}",
+                             "--no-pager", str(UNIT)], capture_output=True, text=True, timeout=60)
+    found = re.search(r"Overall exposure level for amo-gateway\.service: (\d+\.\d+)", result.stdout)
+    assert found, result.stdout + result.stderr
+    print(f"systemd-analyze security exposure: {found.group(1)}")
+    assert float(found.group(1)) <= MAX_EXPOSURE
+    assert result.returncode == 0, result.stderr
+
+
+def test_unit_loads_every_credential_the_app_reads() -> None:
+    """LoadCredential= names are exactly vault-key plus settings.CREDENTIAL_FILES, from /etc/amo-gateway."""
+    pairs = dict(v.split(":", 1) for v in unit_values("LoadCredential"))
+    assert set(pairs) == {"vault-key", *CREDENTIAL_FILES.values()}
+    assert all(source == f"/etc/amo-gateway/{name}" for name, source in pairs.items())
+
+
+def test_unit_keeps_secrets_out_of_the_environment() -> None:
+    """Neither the unit's Environment= lines nor the example EnvironmentFile set a secret setting."""
+    unit_env = {v.split("=", 1)[0] for v in unit_values("Environment")}
+    assert not unit_env & SECRET_VARIABLES
+    assert not set(env_file_values()) & SECRET_VARIABLES
+    assert unit_values("EnvironmentFile") == ["/etc/amo-gateway/amo-gateway.env"]
+
+
+def test_example_environment_file_is_valid_settings() -> None:
+    """The shipped EnvironmentFile (plus the unit's AMO_VAULT_PATH) validates as the gateway's settings."""
+    environ = env_file_values() | dict(v.split("=", 1) for v in unit_values("Environment"))
+    settings = load_settings(None, environ=environ)
+    assert settings.host == "127.0.0.1"
+    assert settings.trusted_proxies == ["127.0.0.1", "::1"]
+    assert str(settings.vault_path) == f"/var/lib/{unit_values('StateDirectory')[0]}/vault.enc"
+
+
+def test_stop_timeout_outlasts_the_graceful_shutdown() -> None:
+    """TimeoutStopSec exceeds three shutdown stages (requests, refresher, sent refreshes) of AMO_SHUTDOWN_TIMEOUT."""
+    shutdown = float(env_file_values().get("AMO_SHUTDOWN_TIMEOUT", Settings().shutdown_timeout))
+    assert float(unit_values("TimeoutStopSec")[0]) > 3 * shutdown
+    assert unit_values("Type") == ["notify"]
+    assert unit_values("Restart") == ["on-failure"]
+    assert float(unit_values("WatchdogSec")[0]) > 0
+
+
+def test_gateway_speaks_the_units_notify_protocol(tmp_path: Path) -> None:
+    """Run as the unit runs it (ExecStart's arguments, credentials dir): READY=1, WATCHDOG=1, clean SIGTERM."""
+    exec_args = unit_values("ExecStart")[0].split()[1:]
+    assert exec_args[0] == "serve"
+    notify = NotifySocket(tmp_path / "notify")
+    creds = Credentials(tmp_path / "credentials")
+    env = gateway_env(port=free_port(), vault=tmp_path / "state" / "vault.enc", credentials=creds.write(),
+                      redirect_uri="https://gateway.example.com/callback", base_url="http://127.0.0.1:9",
+                      notify=notify.path, watchdog_usec=400_000)
+    gateway = Process.start("gateway", [*gateway_command()[:-1], *exec_args], tmp_path / "gateway.log", env)
+    try:
+        notify.wait_for("READY=1", 20)
+        notify.wait_for("WATCHDOG=1", 5)
+        gateway.popen.send_signal(signal.SIGTERM)
+        assert gateway.popen.wait(15) == 0, gateway.output()[-2000:]
+        assert any("STOPPING=1" in m for m in notify.wait_for("STOPPING=1", 1))
+    finally:
+        gateway.stop()
+        notify.close()
+    assert creds.client_secret not in gateway.output()
+
+
+def _fake_bin(directory: Path, name: str, log: Path) -> None:
+    """A stand-in command that appends its arguments to `log`, one invocation per line."""
+    directory.mkdir(exist_ok=True)
+    script = directory / name
+    script.write_text(f'#!/bin/sh\necho "{name} $*" >> "{log}"\n', encoding="utf-8")
+    script.chmod(0o755)
+
+
+def test_ctl_runs_cli_commands_with_the_units_user_state_and_credentials(tmp_path: Path) -> None:
+    """`amo-gateway-ctl status` goes through systemd-run with the unit's user, state directory and credentials."""
+    log = tmp_path / "calls.log"
+    _fake_bin(tmp_path / "bin", "systemd-run", log)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+    subprocess.run(["bash", str(CTL), "status", "--json"], env=env, check=True, timeout=30)
+    call = log.read_text(encoding="utf-8")
+    for credential in unit_values("LoadCredential"):
+        assert f"LoadCredential={credential}" in call
+    for prop in ("DynamicUser", "User", "StateDirectory", "UMask", "EnvironmentFile"):
+        assert f"{prop}={unit_values(prop)[0]}" in call
+    assert f"Environment={unit_values('Environment')[0]}" in call
+    assert call.rstrip().endswith("/opt/amo-gateway/.venv/bin/amo-gateway status --json")
+
+
+def test_ctl_rotate_key_stops_rotates_and_restarts(tmp_path: Path) -> None:
+    """rotate-key: systemctl stop, the vault re-encrypted under a new primary key in /etc's key file, start."""
+    program = Path(sys.executable).with_name("amo-gateway")
+    if not program.exists():
+        pytest.skip("the amo-gateway console script is not installed in this virtualenv (make install)")
+    etc, state, log = tmp_path / "etc", tmp_path / "state", tmp_path / "calls.log"
+    etc.mkdir()
+    old_key = Fernet.generate_key().decode()
+    (etc / "vault-key").write_text(old_key + "\n", encoding="utf-8")
+    shutil.copy(ENV_FILE, etc / "amo-gateway.env")
+    vault = Vault(state / "vault.enc", KeyRing([old_key]))
+    vault.prepare()
+    vault.save(VaultData())
+    _fake_bin(tmp_path / "bin", "systemctl", log)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "AMO_GATEWAY_ETC": str(etc),
+           "AMO_GATEWAY_STATE": str(state), "AMO_GATEWAY_BIN": str(program)}
+    subprocess.run(["bash", str(CTL), "rotate-key"], env=env, check=True, timeout=60, capture_output=True)
+    assert log.read_text(encoding="utf-8").splitlines() == ["systemctl stop amo-gateway.service",
+                                                            "systemctl start amo-gateway.service"]
+    keys = KeyRing.parse((etc / "vault-key").read_text(encoding="utf-8"))
+    assert keys.keys[1:] == [old_key] and keys.keys[0] != old_key
+    assert Vault(state / "vault.enc", KeyRing(keys.keys[:1])).read()[0] == VaultData()
+    assert (etc / "vault-key").stat().st_mode & 0o777 == 0o600
+
+
+def test_ctl_refuses_unknown_commands() -> None:
+    """Anything but status, authorize-url and rotate-key is a usage error, not a pass-through."""
+    result = subprocess.run(["bash", str(CTL), "serve"], capture_output=True, text=True, timeout=10)
+    assert result.returncode == 2
+    assert "usage:" in result.stderr
+
