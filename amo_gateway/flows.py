@@ -13,9 +13,12 @@ from amo_gateway.accounts import DEFAULT_ACCOUNT, base_url_for_referer, select_a
 from amo_gateway.amo_client import AmoClient
 from amo_gateway.clock import Clock
 from amo_gateway.errors import (
+    BadRequest,
     ExchangeTooSoon,
+    NotFound,
     Forbidden,
     InvalidState,
+    RefererRefused,
     UpstreamError,
     UpstreamRateLimited,
 )
@@ -118,9 +121,18 @@ class Flows:
         return removed
 
     async def _target_base_url(self, account: str | None) -> str:
+        """The connected account named by ?account=, a new allowed account host, or the configured host."""
         if account:
             data = await self.store.snapshot()
-            return data.accounts[select_account(data, account)].base_url
+            try:
+                return data.accounts[select_account(data, account)].base_url
+            except NotFound:
+                if "." not in account:
+                    raise
+            try:
+                return base_url_for_referer(account, self.settings)
+            except RefererRefused:
+                raise BadRequest("that host is not an allowed amoCRM/Kommo account", code="account_not_allowed") from None
         self.settings.require("base_url")
         return self.settings.account_base_url  # type: ignore[return-value]
 
@@ -133,7 +145,7 @@ class Flows:
             if from_widget and self.settings.widget_installs:
                 return None
             raise InvalidState("the callback has no state (widget installs are not enabled)", code="missing_state")
-        found = (await self.store.reload()).states.get(_digest(state))
+        found = (await self.store.snapshot()).states.get(_digest(state))  # re-read if another process wrote
         if found is None or found.expires_at <= self.clock.time():
             raise InvalidState("the state is unknown, expired or already used")
         return found

@@ -234,3 +234,17 @@ def test_status_table_shows_host_state_expiry_age_and_error(tmp_path: Path, keys
     assert "refresh age" in lines[0] and "last error" in lines[0]
     assert any("acme.amocrm.ru" in ln and "connected" in ln and "0.0d" in ln for ln in lines)
     assert any("b.kommo.com" in ln and "reauth_required" in ln and "token_revoked" in ln for ln in lines)
+
+
+async def test_exchange_can_target_a_new_allowed_account_host(make_rig: RigFactory) -> None:
+    """?account=demo.amocrm.ru sends the exchange to that host; the callback redeems the code there too."""
+    rig = await _multi_rig(make_rig)
+    resp = await rig.client.post(rig.url("/exchange-api-key?account=demo.amocrm.ru"),
+                                 json={"login": LOGIN, "api_key": API_KEY}, headers=rig.admin)
+    assert resp.status == 202, await resp.text()
+    assert (await rig.callback_answer())["status"] == 200
+    data, _ = rig.vault().read()
+    assert data.accounts[str(ACCOUNT_ID)].base_url.startswith("http://demo.amocrm.ru:")
+    resp = await rig.client.post(rig.url("/exchange-api-key?account=demo.evil.com"),
+                                 json={"login": "x@y.z", "api_key": API_KEY}, headers=rig.admin)
+    assert (resp.status, (await resp.json())["error"]) == (400, "account_not_allowed")
