@@ -15,9 +15,9 @@ from amo_gateway.clock import Clock
 from amo_gateway.errors import (
     BadRequest,
     ExchangeTooSoon,
-    NotFound,
     Forbidden,
     InvalidState,
+    NotFound,
     RefererRefused,
     UpstreamError,
     UpstreamRateLimited,
@@ -132,7 +132,8 @@ class Flows:
             try:
                 return base_url_for_referer(account, self.settings)
             except RefererRefused:
-                raise BadRequest("that host is not an allowed amoCRM/Kommo account", code="account_not_allowed") from None
+                raise BadRequest("that host is not an allowed amoCRM/Kommo account",
+                                 code="account_not_allowed") from None
         self.settings.require("base_url")
         return self.settings.account_base_url  # type: ignore[return-value]
 
