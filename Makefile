@@ -35,5 +35,8 @@ check: lint typecheck test
 evidence: install
 	$(BIN)/python -m pytest -q -m evidence
 
+bench: install
+	$(BIN)/python scripts/bench.py
+
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

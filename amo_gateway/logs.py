@@ -67,6 +67,11 @@ def configure(fmt: str, level: str) -> None:
 class AccessLogger(AbstractAccessLogger):
     """Method, path WITHOUT query (the callback's carries code and state), status, size, duration, client."""
 
+    @property
+    def enabled(self) -> bool:
+        """aiohttp skips the access log entirely (no per-request call) when INFO is off."""
+        return self.logger.isEnabledFor(logging.INFO)
+
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
         event(
             self.logger,
