@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
@@ -51,9 +51,12 @@ def create_app(settings: Settings, *, clock: Clock | None = None, keys: KeyRing 
     app[CLOCK] = clock or SystemClock()
     app[AUTH] = Authenticator.from_settings(settings)
     app[TEST_CACHE] = TestCache()
-    keyring = keys or load_keyring(settings.vault_key_file, os.environ.get("CREDENTIALS_DIRECTORY"),
-                                   settings.secret("vault_key"))
-    app.cleanup_ctx.append(_vault_ctx(Vault(settings.vault_path, keyring)))
+    def key_source() -> KeyRing:
+        return load_keyring(settings.vault_key_file, os.environ.get("CREDENTIALS_DIRECTORY"),
+                            settings.secret("vault_key"))
+
+    keyring = keys or key_source()
+    app.cleanup_ctx.append(_vault_ctx(Vault(settings.vault_path, keyring), None if keys else key_source))
     app.cleanup_ctx.append(_http_ctx(resolver))
     app[METRICS] = Metrics()
     app[AUDIT] = AuditLog(audit_path(settings.vault_path), audit_key(keyring))
@@ -67,11 +70,11 @@ def create_app(settings: Settings, *, clock: Clock | None = None, keys: KeyRing 
     return app
 
 
-def _vault_ctx(vault: Vault):  # type: ignore[no-untyped-def]
+def _vault_ctx(vault: Vault, key_source: Callable[[], KeyRing] | None):  # type: ignore[no-untyped-def]
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         """Open the vault: a file that does not decrypt stops start-up here and is left untouched."""
         await asyncio.to_thread(vault.prepare)
-        store = Store(vault)
+        store = Store(vault, key_source)
         await store.reload()
         app[STORE] = store
         yield

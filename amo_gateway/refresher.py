@@ -12,6 +12,7 @@ from amo_gateway.manager import Outcome, TokenManager
 from amo_gateway.tokens import VaultData, account_due_at, backoff_delay
 
 log = logging.getLogger("amo_gateway.refresh")
+ERROR_PAUSE = 30.0
 LONG_LIVED_WARNING = 14 * 86400  # two weeks' notice to mint a new long-lived token
 
 
@@ -66,14 +67,23 @@ class Refresher:
     async def run(self) -> None:
         """Until stopped: plan, refresh what is due, sleep until the next due time or a wake-up."""
         while not self._stopping:
-            await self.tick()
-            if self._stopping:
-                break
-            data = await self.manager.store.snapshot()
-            self.watch_long_lived(data)
-            _, next_at = plan(data, self.clock.time(), self.margin, self._retry_at)
-            delay = self.recheck if next_at is None else min(next_at - self.clock.time(), self.recheck)
-            await self._sleep(max(delay, 0.05))
+            try:
+                delay = await self._round()
+            except Exception as err:  # the refresher must outlive any one bad round (vault rotated, disk full…)
+                event(log, "refresher.error", level=logging.ERROR, error=type(err).__name__,
+                      detail=getattr(err, "detail", "see the traceback"), retry_in=ERROR_PAUSE)
+                delay = ERROR_PAUSE
+            if not self._stopping:
+                await self._sleep(delay)
+
+    async def _round(self) -> float:
+        """One round: refresh what is due, watch long-lived tokens; return how long to sleep."""
+        await self.tick()
+        data = await self.manager.store.snapshot()
+        self.watch_long_lived(data)
+        _, next_at = plan(data, self.clock.time(), self.margin, self._retry_at)
+        delay = self.recheck if next_at is None else min(next_at - self.clock.time(), self.recheck)
+        return max(delay, 0.05)
 
     def watch_long_lived(self, data: VaultData) -> list[str]:
         """Warn (at most hourly per account) when a long-lived token, which nobody refreshes, nears expiry."""

@@ -6,8 +6,9 @@ import asyncio
 from collections.abc import Callable
 from typing import TypeVar
 
+from amo_gateway.errors import VaultUndecryptable
 from amo_gateway.tokens import Account, VaultData
-from amo_gateway.vault import Signature, Unchanged, Vault
+from amo_gateway.vault import KeyRing, Signature, Unchanged, Vault
 
 T = TypeVar("T")
 
@@ -18,8 +19,9 @@ class Store:
     Anything that decides on a refresh token re-reads under the lock via `update`, never the cache.
     """
 
-    def __init__(self, vault: Vault) -> None:
+    def __init__(self, vault: Vault, key_source: Callable[[], KeyRing] | None = None) -> None:
         self.vault = vault
+        self._key_source = key_source
         self._cache: VaultData | None = None
         self._signature: Signature = None
 
@@ -30,15 +32,26 @@ class Store:
         return self._cache
 
     async def reload(self) -> VaultData:
-        data, self._signature = await asyncio.to_thread(self.vault.read)
+        data, self._signature = await self._run(self.vault.read)
         self._cache = data
         return data
 
     async def update(self, change: Callable[[VaultData], T | Unchanged[T]]) -> T:
         """Locked read-modify-write in a thread; the saved data becomes the cache."""
-        outcome: tuple[T, VaultData, Signature] = await asyncio.to_thread(self.vault.update, change)
+        outcome: tuple[T, VaultData, Signature] = await self._run(lambda: self.vault.update(change))
         result, self._cache, self._signature = outcome
         return result
+
+    async def _run(self, work: Callable[[], T]) -> T:
+        """File work in a thread; after `rotate-key` rewrote the key file, pick up the new keys once and retry."""
+        try:
+            return await asyncio.to_thread(work)
+        except VaultUndecryptable:
+            fresh = self._key_source() if self._key_source else None
+            if fresh is None or fresh.keys == self.vault.keys.keys:
+                raise
+            self.vault.keys = fresh
+            return await asyncio.to_thread(work)
 
     async def account(self, account_id: str) -> Account | None:
         return (await self.snapshot()).accounts.get(account_id)

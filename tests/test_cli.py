@@ -103,3 +103,18 @@ def test_authorize_url_issues_a_state_the_vault_remembers(tmp_path: Path) -> Non
     assert url.endswith("mode=post_message")
     data = Vault(vault_path, KeyRing.parse(key_file.read_text())).load()
     assert len(data.states) == 1
+
+
+async def test_running_service_picks_up_keys_after_rotate_key(tmp_path: Path) -> None:
+    """rotate-key rewrites the key file; a Store reading that file re-reads it once instead of failing."""
+    from amo_gateway.store import Store
+    from amo_gateway.vault import load_keyring
+
+    env, key_file, vault_path = _vault_env(tmp_path)
+    vault = _seed_vault(key_file, vault_path)
+    store = Store(vault, lambda: load_keyring(key_file, None, None))
+    await store.reload()
+    assert _run("rotate-key", env=env).returncode == 0
+    data = await store.reload()
+    assert data.accounts["7"].subdomain == "acme"
+    assert store.vault.keys.keys == key_file.read_text().split()

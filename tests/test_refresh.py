@@ -156,3 +156,32 @@ async def test_restart_in_every_state_keeps_what_was_stored(make_rig: RigFactory
     third = await make_rig(vault_path=rig.settings.vault_path, run_refresher=False)
     resp = await third.client.get(third.url("/token"), headers=third.admin)
     assert (resp.status, (await resp.json())["error"]) == (503, "reauth_required")
+
+
+async def test_refresher_survives_a_failing_round_and_carries_on(make_rig: RigFactory) -> None:
+    """An exception in one round (say, an unreadable vault) is logged; the task stays alive for the next."""
+    clock = FakeClock()
+    rig = await make_rig(clock=clock, refresh_margin=600, sandbox_access_ttl=LIFETIME)
+    await rig.connect()
+    refresher = rig.app[REFRESHER]
+    calls = 0
+    original = refresher.tick
+
+    async def flaky_tick() -> list[object]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise OSError("disk went away")
+        return await original()  # type: ignore[return-value]
+
+    refresher.tick = flaky_tick  # type: ignore[method-assign]
+    refresher.wake()
+    await asyncio.sleep(0.1)
+    clock.advance(LIFETIME)  # past the error pause and the due time
+    for _ in range(100):
+        if rig.sandbox.refresh_attempts:
+            break
+        await asyncio.sleep(0.05)
+        clock.advance(1)
+    assert calls >= 2
+    assert rig.sandbox.refresh_attempts == 1
