@@ -25,6 +25,7 @@ from amo_gateway.errors import ConfigError
 CLIENT_ADDRESS = web.RequestKey("client_address", str)
 
 Network = IPv4Network | IPv6Network
+_FORWARDED = ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host")
 
 
 def parse_proxies(entries: Iterable[str]) -> tuple[Network, ...]:
@@ -44,9 +45,20 @@ class TrustedProxyForwarded:
     def __init__(self, trusted: Iterable[str]) -> None:
         self._trusted = parse_proxies(trusted)
         self._parser = XForwardedRelaxed(num=1)
+        self._verdicts: dict[str, bool] = {}  # peer address -> trusted; the hot path asks for the same few peers
 
     def peer_is_trusted(self, peer: str | None) -> bool:
-        """True when the TCP peer's address is inside one of the trusted networks."""
+        """True when the TCP peer's address is inside one of the trusted networks (memoised per address)."""
+        if peer is None:
+            return False
+        verdict = self._verdicts.get(peer)
+        if verdict is None:
+            verdict = self._judge(peer)
+            if len(self._verdicts) < 4096:  # bounded: direct clients could present many addresses
+                self._verdicts[peer] = verdict
+        return verdict
+
+    def _judge(self, peer: str) -> bool:
         if not peer:
             return False  # a UNIX socket or an unknown peer is not a configured proxy
         try:
@@ -60,8 +72,9 @@ class TrustedProxyForwarded:
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Ignore the headers from untrusted peers; otherwise let aiohttp-remotes apply them."""
-        if not self.peer_is_trusted(request.remote):
-            return await handler(request)
+        headers = request.headers  # case-insensitive lookups (a set intersection would not be)
+        if not self.peer_is_trusted(request.remote) or not any(name in headers for name in _FORWARDED):
+            return await handler(request)  # untrusted peer, or nothing forwarded: no clone of the request
 
         async def resolved(forwarded: web.Request) -> web.StreamResponse:
             request[CLIENT_ADDRESS] = forwarded.remote or ""
