@@ -45,7 +45,7 @@ def test_every_described_route_exists(tmp_path: Path) -> None:
 
 
 def test_every_refusal_is_described_with_the_error_shape() -> None:
-    """Each 4xx/5xx answer of the public prefix documents the {"error", "detail"} body."""
+    """Each 4xx/5xx answer the gateway makes itself documents the {"error", "detail"} JSON body."""
     error = spec()["components"]["schemas"]["Error"]
     assert set(error["required"]) == {"error", "detail"}
     for path, ops in spec()["paths"].items():
