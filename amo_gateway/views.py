@@ -137,15 +137,25 @@ async def _account_id(request: web.Request) -> str:
     return select_account(data, query_param(request, "account"))
 
 
+async def _rate_slot(app: web.Application, account_id: str) -> None:
+    """The probe counts against the account's amoCRM budget like a proxied call (found by the soak run:
+    /test beside proxy traffic pushed amoCRM past 7 rps and got its 429s)."""
+    proxy = app.get(PROXY)
+    if proxy is not None:
+        await proxy.limiters.get(account_id).acquire()
+
+
 async def _probe(app: web.Application, account_id: str) -> dict[str, Any]:
     manager = app[MANAGER]
     pair = await manager.access(account_id)
     account = await manager.connected(account_id)
     try:
+        await _rate_slot(app, account_id)
         info = await manager.client.account(account.base_url, pair.access_token)
     except UpstreamUnauthorized:  # the token died early: one refresh, one retry
         await manager.refresh(account_id, seen=pair.access_token)
         pair = await manager.access(account_id)
+        await _rate_slot(app, account_id)
         info = await manager.client.account(account.base_url, pair.access_token)
     now = app[CLOCK].time()
     return {
