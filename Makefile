@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test check lint typecheck evidence bench clean nginx-available
+.PHONY: install run test check lint typecheck evidence soak bench clean nginx-available
 
 install: $(STAMP)
 
@@ -32,8 +32,20 @@ typecheck: install
 
 check: lint typecheck test
 
+# Minutes, not hours: the long property/fuzz runs, then the scripts, each printing its figures (JSON kept in var/).
+EVIDENCE_DIR := var/evidence
+
 evidence: install
 	$(BIN)/python -m pytest -q -m evidence
+	mkdir -p $(EVIDENCE_DIR)
+	$(BIN)/python scripts/crashloop.py --kills 200 --report $(EVIDENCE_DIR)/crashloop.json
+	$(BIN)/python scripts/multiproc.py --processes 4 --seconds 180 --report $(EVIDENCE_DIR)/multiproc.json
+	$(MAKE) soak
+
+# Load on /token, /test and the proxy with tokens rotating every 2 s (wrk, else an aiohttp loop); RSS sampled.
+soak: install
+	mkdir -p $(EVIDENCE_DIR)
+	$(BIN)/python scripts/soak.py --seconds 120 --report $(EVIDENCE_DIR)/soak.json
 
 bench: install
 	$(BIN)/python scripts/bench.py

@@ -23,13 +23,3 @@ def test_three_processes_on_one_vault_never_send_a_refresh_token_twice(tmp_path:
     assert figures["token_calls"] > 1000
     assert figures["refreshes"] <= 15 / 1.5 + 4
 
-
-@pytest.mark.evidence
-def test_four_processes_for_three_minutes_never_send_a_refresh_token_twice(tmp_path: Path) -> None:
-    """4 processes on one vault for 3 minutes under 3 s tokens: 0 refresh tokens reused."""
-    figures = run_script("multiproc.py", tmp_path, "--processes", "4", "--seconds", "180", "--access-ttl", "3",
-                         timeout=400)
-    assert figures["failures"] == []
-    assert figures["refresh_tokens_reused"] == 0
-    assert figures["final_status_per_process"] == [200] * 4
-    assert figures["refreshes"] >= 60
