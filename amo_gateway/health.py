@@ -20,7 +20,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """200 when the vault decrypts and every stored account holds a usable token; 503 with the reason else."""
     try:
-        data = await request.app[STORE].snapshot()
+        data = await request.app[STORE].snapshot(recheck=True)
     except GatewayError as err:
         return web.json_response({"status": "not_ready", "reason": err.code, "detail": err.detail}, status=503)
     accounts = _accounts(data, request.app[CLOCK].time())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -11,6 +12,7 @@ from amo_gateway.tokens import Account, VaultData
 from amo_gateway.vault import KeyRing, Signature, Unchanged, Vault
 
 T = TypeVar("T")
+RECHECK = 0.05  # seconds between stats of the vault file on the read path
 
 
 class Store:
@@ -24,9 +26,18 @@ class Store:
         self._key_source = key_source
         self._cache: VaultData | None = None
         self._signature: Signature = None
+        self._checked_at = float("-inf")
 
-    async def snapshot(self) -> VaultData:
-        """The current vault: the cache while the file's signature is unchanged, else a fresh read."""
+    async def snapshot(self, *, recheck: bool = False) -> VaultData:
+        """The current vault: the cache while the file's signature is unchanged, else a fresh read.
+
+        The file is stat'ed at most every RECHECK seconds (always with `recheck`, as probes want): another process's write shows up within that
+        time, and what the hot path reads meanwhile (an access token) stays valid until it expires.
+        """
+        now = time.monotonic()
+        if self._cache is not None and not recheck and now - self._checked_at < RECHECK:
+            return self._cache
+        self._checked_at = now
         if self._cache is None or self.vault.signature() != self._signature:
             return await self.reload()
         return self._cache

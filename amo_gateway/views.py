@@ -7,7 +7,7 @@ from typing import Any
 from aiohttp import web
 
 from amo_gateway.accounts import account_summary, select_account
-from amo_gateway.errors import UpstreamUnauthorized
+from amo_gateway.errors import NotConnected, NotFound, UpstreamUnauthorized
 from amo_gateway.inputs import ExchangeBody, flag, json_body, query_param
 from amo_gateway.typedefs import (
     AUDIT,
@@ -133,8 +133,13 @@ async def proxy(request: web.Request) -> web.StreamResponse:
 
 
 async def _account_id(request: web.Request) -> str:
-    data = await request.app[STORE].snapshot()
-    return select_account(data, query_param(request, "account"))
+    """The account the request names; a miss re-reads the vault once (another process may have just added it)."""
+    selector = query_param(request, "account")
+    store = request.app[STORE]
+    try:
+        return select_account(await store.snapshot(), selector)
+    except (NotFound, NotConnected):
+        return select_account(await store.reload(), selector)
 
 
 async def _rate_slot(app: web.Application, account_id: str) -> None:
