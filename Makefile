@@ -25,7 +25,7 @@ nginx-available:
 	@bash scripts/ensure-nginx.sh
 
 lint: install
-	$(BIN)/ruff check amo_gateway tests
+	$(BIN)/ruff check amo_gateway tests scripts
 
 typecheck: install
 	$(BIN)/mypy amo_gateway

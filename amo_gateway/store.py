@@ -31,8 +31,9 @@ class Store:
     async def snapshot(self, *, recheck: bool = False) -> VaultData:
         """The current vault: the cache while the file's signature is unchanged, else a fresh read.
 
-        The file is stat'ed at most every RECHECK seconds (always with `recheck`, as probes want): another process's write shows up within that
-        time, and what the hot path reads meanwhile (an access token) stays valid until it expires.
+        The file is stat'ed at most every RECHECK seconds (always with `recheck`, as probes want): another
+        process's write shows up within that time, and what the hot path reads meanwhile (an access token)
+        stays valid until it expires.
         """
         now = time.monotonic()
         if self._cache is not None and not recheck and now - self._checked_at < RECHECK:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -199,8 +200,8 @@ async def test_long_lived_token_is_served_never_refreshed_and_its_expiry_watched
     key_file.write_text("\n".join(rig.keys.keys))
     env = {k: v for k, v in os.environ.items() if not k.startswith("AMO_")}
     env |= {"AMO_VAULT_PATH": str(rig.settings.vault_path), "AMO_VAULT_KEY_FILE": str(key_file)}
-    result = subprocess.run([sys.executable, "-m", "amo_gateway", "import-token", str(token_file),
-                             "--host", "acme.amocrm.ru"], capture_output=True, text=True, env=env, check=False)
+    command = [sys.executable, "-m", "amo_gateway", "import-token", str(token_file), "--host", "acme.amocrm.ru"]
+    result = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, env=env, check=False)
     assert result.returncode == 0, result.stderr
     assert token not in result.stdout
     resp = await rig.client.get(rig.url("/token?account=4242"), headers=rig.admin)
@@ -222,7 +223,8 @@ def test_status_table_shows_host_state_expiry_age_and_error(tmp_path: Path, keys
     vault.prepare()
     now = time.time()
     good = Account("7", "https://acme.amocrm.ru", TokenPair("a", "r", now + 3600, now), refresh_obtained_at=now)
-    bad = Account("8", "https://b.kommo.com", TokenPair("a2", "r2", now - 5, now - 90000)).needing_reauth("token_revoked")
+    dead = TokenPair("a2", "r2", now - 5, now - 90000)
+    bad = Account("8", "https://b.kommo.com", dead).needing_reauth("token_revoked")
     vault.save(VaultData(accounts={"7": good, "8": bad}))
     key_file = tmp_path / "key"
     key_file.write_text("\n".join(keys.keys))

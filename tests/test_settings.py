@@ -44,7 +44,7 @@ def test_bad_value_names_the_environment_variable() -> None:
 def test_missing_required_setting_is_named() -> None:
     """require() lists the environment names of what is missing."""
     settings = load_settings(None, environ={"AMO_CLIENT_ID": "id"})
-    with pytest.raises(ConfigError, match="AMO_CLIENT_SECRET.*AMO_REDIRECT_URI"):
+    with pytest.raises(ConfigError, match=r"AMO_CLIENT_SECRET.*AMO_REDIRECT_URI"):
         settings.require("client_id", "client_secret", "redirect_uri")
 
 
