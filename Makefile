@@ -50,5 +50,8 @@ soak: install
 bench: install
 	$(BIN)/python scripts/bench.py
 
+clean-dev:
+	rm -f var/vault.enc var/vault.enc.* var/audit.log
+
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

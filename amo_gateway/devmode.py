@@ -62,6 +62,8 @@ def banner(settings: Settings, workdir: Path) -> None:
         f"  sandbox api_key: {DEMO_API_KEY}",
         f"  operator token:  in {workdir / 'admin-token'}  (Authorization: Bearer $(cat {workdir}/admin-token))",
         f"  gateway:         http://{settings.host}:{settings.port}{PREFIX}/",
+        "  The sandbox forgets its tokens when it stops: after a restart, /test says",
+        f"  reauth_required; `make clean-dev` (or rm {workdir}/vault.enc*) starts afresh.",
         "=" * 72,
     ]
     print("\n".join(lines), file=sys.stderr, flush=True)
