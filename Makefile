@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test check lint typecheck evidence soak bench clean nginx-available
+.PHONY: install run test check lint typecheck evidence soak bench clean clean-dev nginx-available
 
 install: $(STAMP)
 
