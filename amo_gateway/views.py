@@ -96,12 +96,8 @@ async def token(request: web.Request) -> web.Response:
 async def test(request: web.Request) -> web.Response:
     """GET /test: is the connection alive? Calls /api/v4/account, cached briefly to spare amoCRM's 7 rps."""
     account_id = await _account_id(request)
-    cache = request.app[TEST_CACHE]
-    hit = cache.get(account_id)
-    if hit is not None:
-        return web.json_response(hit)
-    body = await _probe(request.app, account_id)
-    cache.put(account_id, body, request.app[SETTINGS].test_cache_seconds)
+    seconds = request.app[SETTINGS].test_cache_seconds
+    body = await request.app[TEST_CACHE].get_or_probe(account_id, lambda: _probe(request.app, account_id), seconds)
     return web.json_response(body)
 
 

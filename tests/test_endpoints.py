@@ -280,3 +280,16 @@ async def test_browser_consent_flow_connects_through_the_sandbox_consent_page(ma
     assert str(resp.url).split("?")[0].endswith("/callback")
     data, _ = rig.vault().read()
     assert str(ACCOUNT_ID) in data.accounts
+
+
+async def test_concurrent_test_polls_share_one_call_to_amocrm(make_rig: RigFactory) -> None:
+    """Fifty simultaneous /test requests with an empty cache make one /api/v4/account call, not fifty."""
+    import asyncio
+
+    rig = await make_rig(test_cache_seconds=0)
+    await rig.connect()
+    rig.sandbox.delay["account"] = 0.2
+    before = rig.sandbox.api_requests
+    answers = await asyncio.gather(*(rig.client.get(rig.url("/test")) for _ in range(50)))
+    assert {a.status for a in answers} == {200}
+    assert rig.sandbox.api_requests - before == 1
