@@ -96,6 +96,7 @@ async def token(request: web.Request) -> web.Response:
 async def test(request: web.Request) -> web.Response:
     """GET /test: is the connection alive? Calls /api/v4/account, cached briefly to spare amoCRM's 7 rps."""
     account_id = await _account_id(request)
+    await request.app[MANAGER].connected(account_id)  # not connected / reauth: said at once, never from cache
     seconds = request.app[SETTINGS].test_cache_seconds
     body = await request.app[TEST_CACHE].get_or_probe(account_id, lambda: _probe(request.app, account_id), seconds)
     return web.json_response(body)

@@ -7,6 +7,7 @@ import hmac
 import json
 
 from amo_gateway.tokens import CONNECTED
+from amo_gateway.typedefs import MANAGER
 from tests.conftest import ACCOUNT_ID, API_KEY, LOGIN, Rig, RigFactory
 
 SEED_EXCHANGE = {
@@ -293,3 +294,26 @@ async def test_concurrent_test_polls_share_one_call_to_amocrm(make_rig: RigFacto
     answers = await asyncio.gather(*(rig.client.get(rig.url("/test")) for _ in range(50)))
     assert {a.status for a in answers} == {200}
     assert rig.sandbox.api_requests - before == 1
+
+
+async def test_expired_test_answer_is_served_while_one_probe_renews_it(make_rig: RigFactory) -> None:
+    """Past its cache time, /test answers at once from the last answer and renews it in the background."""
+    import asyncio
+    import time
+
+    rig = await make_rig(test_cache_seconds=0.2)
+    await rig.connect()
+    assert (await rig.client.get(rig.url("/test"))).status == 200
+    await asyncio.sleep(0.3)
+    rig.sandbox.delay["account"] = 1.0
+    before = rig.sandbox.api_requests
+    started = time.monotonic()
+    resp = await rig.client.get(rig.url("/test"))
+    assert resp.status == 200 and time.monotonic() - started < 0.5
+    await asyncio.sleep(1.2)
+    assert rig.sandbox.api_requests - before == 1
+    rig.sandbox.revoke(ACCOUNT_ID, access=False)
+    await rig.app[MANAGER].store.update(
+        lambda data: data.accounts.__setitem__(str(ACCOUNT_ID), data.accounts[str(ACCOUNT_ID)].needing_reauth("x")))
+    resp = await rig.client.get(rig.url("/test"))
+    assert (resp.status, (await resp.json())["error"]) == (503, "reauth_required"), "state is never served stale"
