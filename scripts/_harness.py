@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import secrets
 import signal
@@ -35,6 +36,15 @@ API_KEY = "sandbox-api-key"
 ACCOUNT_ID = "31920194"
 CONSUMER = "soak:consumer-secret-for-soak"
 HTTP_TIMEOUT = aiohttp.ClientTimeout(total=10)
+
+
+def report(result: dict[str, Any], path: Path | None) -> int:
+    """Print the figures, write them to `path` as JSON when asked; exit status 1 when anything failed."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if path is not None:
+        path.write_text(text)
+    return 0 if not result["failures"] else 1
 
 
 def free_port() -> int:

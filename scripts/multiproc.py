@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import tempfile
 import time
@@ -20,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from _harness import Harness
+from _harness import Harness, report
 
 CALLERS_PER_PROCESS = 3
 CALL_PAUSE = 0.02  # between one caller's requests: steady pressure, not a flood
@@ -85,10 +84,7 @@ def main() -> int:
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="amo-multiproc-") as tmp:
         result = asyncio.run(run(args.processes, args.seconds, args.access_ttl, Path(tmp)))
-    print(json.dumps(result, indent=2))
-    if args.report:
-        args.report.write_text(json.dumps(result, indent=2))
-    return 0 if not result["failures"] else 1
+    return report(result, args.report)
 
 
 if __name__ == "__main__":

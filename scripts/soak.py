@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import re
 import shutil
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from _harness import CONSUMER, Harness, rss_kib
+from _harness import CONSUMER, Harness, report, rss_kib
 
 CONSUMER_BEARER = {"Authorization": f"Bearer {CONSUMER.split(':', 1)[1]}"}
 # endpoint name -> (path under the prefix, send the consumer bearer, connections)
@@ -165,10 +164,7 @@ def main() -> int:
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="amo-soak-") as tmp:
         result = asyncio.run(run(args.seconds, args.warmup, args.access_ttl, Path(tmp), args.rss_slack_kib))
-    print(json.dumps(result, indent=2))
-    if args.report:
-        args.report.write_text(json.dumps(result, indent=2))
-    return 0 if not result["failures"] else 1
+    return report(result, args.report)
 
 
 if __name__ == "__main__":
