@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import pytest
 
 from amo_gateway.settings import PREFIX
+from tests.conftest import free_port
 from tests.deploy_procs import (
     API_KEY,
     LOGIN,
@@ -34,7 +35,6 @@ from tests.deploy_procs import (
     Credentials,
     NotifySocket,
     Process,
-    free_port,
     gateway_command,
     gateway_env,
     make_certificate,

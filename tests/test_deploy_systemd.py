@@ -16,12 +16,12 @@ from cryptography.fernet import Fernet
 from amo_gateway.settings import CREDENTIAL_FILES, Settings, load_settings
 from amo_gateway.tokens import VaultData
 from amo_gateway.vault import KeyRing, Vault
+from tests.conftest import free_port
 from tests.deploy_procs import (
     ROOT,
     Credentials,
     NotifySocket,
     Process,
-    free_port,
     gateway_command,
     gateway_env,
 )
