@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator, Callable
 
@@ -18,6 +19,7 @@ from amo_gateway.clock import Clock, SystemClock
 from amo_gateway.flows import Flows
 from amo_gateway.forwarded import setup_forwarded
 from amo_gateway.locks import RefreshLocks
+from amo_gateway.logs import event
 from amo_gateway.manager import Outcome, TokenManager
 from amo_gateway.metrics import Metrics
 from amo_gateway.middlewares import errors_middleware
@@ -41,6 +43,8 @@ from amo_gateway.typedefs import (
     TEST_CACHE,
 )
 from amo_gateway.vault import KeyRing, Vault, load_keyring
+
+log = logging.getLogger("amo_gateway.app")
 
 
 def create_app(settings: Settings, *, clock: Clock | None = None, keys: KeyRing | None = None,
@@ -139,7 +143,10 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     app[FLOWS] = Flows(settings, store, client, app[CLOCK])
     app[REFRESHER] = Refresher(app[MANAGER], app[CLOCK], margin=settings.refresh_margin)
     yield
-    await asyncio.wait_for(app[MANAGER].drain(), timeout=settings.shutdown_timeout)
+    try:
+        await asyncio.wait_for(app[MANAGER].drain(), timeout=settings.shutdown_timeout)
+    except TimeoutError:  # the vault's in-flight marker lets the next start judge what became of it
+        event(log, "shutdown.refresh_abandoned", level=logging.ERROR, waited_seconds=settings.shutdown_timeout)
     locks.close()
 
 
