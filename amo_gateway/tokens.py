@@ -134,6 +134,10 @@ class VaultData:
             version=int(raw.get("version", 1)),
         )
 
+    def copy(self) -> VaultData:
+        """A copy safe to mutate: fresh dicts; accounts are frozen and states are replaced, never edited."""
+        return VaultData(dict(self.accounts), dict(self.states), dict(self.exchange_slots), self.version)
+
     def prune(self, now: float) -> None:
         """Drop expired states and spent exchange slots, so the vault does not grow without end."""
         self.states = {k: s for k, s in self.states.items() if s.expires_at > now}

@@ -26,6 +26,18 @@ T = TypeVar("T")
 Signature = tuple[int, int, int, int] | None
 
 
+MAGIC = b"amo-vault/1 "
+
+
+def _split(blob: bytes) -> tuple[bytes | None, bytes]:
+    """(write id, Fernet token); a file without the header (written before it existed) has no id."""
+    if blob.startswith(MAGIC):
+        header, newline, token = blob.partition(b"\n")
+        if newline:
+            return header[len(MAGIC):], token
+    return None, blob
+
+
 class Unchanged(Generic[T]):
     """Returned by an update's change function to say: nothing changed, do not rewrite the file."""
 
@@ -74,6 +86,7 @@ class Vault:
         self.keys = keys
         self.lock_path = path.with_name(path.name + ".lock")
         self._path_str = str(path)
+        self._known: tuple[bytes, VaultData] | None = None  # (write id, parsed copy) of the file as last seen
 
     def prepare(self) -> None:
         """Create the 0700 directory, tighten a looser one we own, and sweep temp files of dead writers."""
@@ -107,14 +120,26 @@ class Vault:
         return (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
     def load(self) -> VaultData:
-        """Decrypt and parse; a missing file is an empty vault, an unreadable one raises VaultUndecryptable."""
+        """Decrypt and parse; a missing file is an empty vault, an unreadable one raises VaultUndecryptable.
+
+        The file opens with a plain random write id: when it is the one this object last wrote or read,
+        the parsed copy it kept is returned instead of decrypting again (a large vault costs ~40 ms per
+        1 000 accounts to decrypt and parse). An edited id only costs a full read.
+        """
         try:
             blob = self.path.read_bytes()
         except FileNotFoundError:
             return VaultData()
+        write_id, token = _split(blob)
+        if write_id is not None and self._known is not None and self._known[0] == write_id:
+            return self._known[1].copy()
+        data = self._decrypt(token)
+        self._known = (write_id, data.copy()) if write_id is not None else None
+        return data
+
+    def _decrypt(self, token: bytes) -> VaultData:
         try:
-            raw = json.loads(self.keys.decrypt(blob))
-            return VaultData.from_dict(raw)
+            return VaultData.from_dict(json.loads(self.keys.decrypt(token)))
         except InvalidToken:
             raise VaultUndecryptable(
                 f"vault {self.path} does not decrypt with the configured keys (wrong key, tampered or truncated);"
@@ -125,7 +150,9 @@ class Vault:
 
     def save(self, data: VaultData) -> None:
         """Atomic and durable: temp file in the same directory, fsync, os.replace, fsync the directory."""
-        blob = self.keys.encrypt(json.dumps(data.to_dict(), separators=(",", ":")).encode())
+        write_id = os.urandom(16).hex().encode()
+        token = self.keys.encrypt(json.dumps(data.to_dict(), separators=(",", ":")).encode())
+        blob = MAGIC + write_id + b"\n" + token
         tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -138,6 +165,7 @@ class Vault:
             tmp.unlink(missing_ok=True)
             raise
         self._fsync_directory()
+        self._known = (write_id, data.copy())
 
     def _fsync_directory(self) -> None:
         dir_fd = os.open(self.path.parent, os.O_RDONLY)

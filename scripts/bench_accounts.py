@@ -59,20 +59,31 @@ def one_size(n: int, rounds: int) -> dict[str, Any]:
         vault = Vault(Path(tmp) / "v" / "vault.enc", KeyRing([Fernet.generate_key().decode()]))
         vault.prepare()
         data = fake_vault(n, time.time())
-        saves, loads = [], []
+        saves, loads, changes = [], [], []
         for _ in range(rounds):
             started = time.perf_counter()
             vault.save(data)
             saves.append(time.perf_counter() - started)
         for _ in range(rounds):
             started = time.perf_counter()
-            Store(vault)  # the app's start-up: prepare + one locked decrypt/parse
-            vault.prepare()
-            loaded, _ = vault.read()
+            fresh = Vault(vault.path, vault.keys)  # a new process: prepare + one locked decrypt/parse
+            fresh.prepare()
+            loaded, _ = fresh.read()
             loads.append(time.perf_counter() - started)
         assert len(loaded.accounts) == n
+        for i in range(rounds):  # one locked read-modify-write, as a callback or a single refresh does
+            started = time.perf_counter()
+            vault.update(lambda d, i=i: d.exchange_slots.__setitem__(f"slot{i}", time.time() + 300))
+            changes.append(time.perf_counter() - started)
+        cold = []
+        for i in range(rounds):  # the same by an object that has not seen the file (another process wrote last)
+            other = Vault(vault.path, vault.keys)
+            started = time.perf_counter()
+            other.update(lambda d, i=i: d.exchange_slots.__setitem__(f"cold{i}", time.time() + 300))
+            cold.append(time.perf_counter() - started)
         size = vault.path.stat().st_size
     return {"accounts": n, "save_ms": statistics.median(saves) * 1000, "startup_ms": statistics.median(loads) * 1000,
+            "update_ms": statistics.median(changes) * 1000, "update_cold_ms": statistics.median(cold) * 1000,
             "file_kib": size / 1024, "rss_mib": rss_kib() / 1024, "rss_delta_mib": (rss_kib() - base) / 1024}
 
 
@@ -136,12 +147,16 @@ def main() -> int:
     if args.one is not None:
         print(json.dumps(one_size(args.one, args.rounds)))
         return 0
-    print(f"{'accounts':>9} {'start-up ms':>12} {'save ms':>9} {'file KiB':>9} {'RSS MiB':>8} {'RSS +MiB':>9}")
+    print(f"{'accounts':>9} {'start-up ms':>12} {'save ms':>9} {'update ms':>10} {'cold upd ms':>12} {'file KiB':>9} "
+          f"{'RSS MiB':>8} "
+          f"{'RSS +MiB':>9}")
     for n in (int(s) for s in args.sizes.split(",")):
         out = subprocess.run([sys.executable, __file__, "--one", str(n), "--rounds", str(args.rounds)],
                              capture_output=True, text=True, check=True, timeout=600)
         r = json.loads(out.stdout)
-        print(f"{r['accounts']:>9} {r['startup_ms']:>12.1f} {r['save_ms']:>9.1f} {r['file_kib']:>9.0f} "
+        print(f"{r['accounts']:>9} {r['startup_ms']:>12.1f} {r['save_ms']:>9.1f} {r['update_ms']:>10.1f} "
+              f"{r['update_cold_ms']:>12.1f} "
+              f"{r['file_kib']:>9.0f} "
               f"{r['rss_mib']:>8.1f} {r['rss_delta_mib']:>9.1f}")
     r = asyncio.run(refresh_rate(args.refresh_accounts))
     print(f"refresh storm: {r['refreshed']}/{r['accounts']} accounts in {r['seconds']:.2f} s = "

@@ -195,7 +195,7 @@ class GatewayModel(RuleBasedStateMachine):
         new = self.keys.rotated()
         self.run(asyncio.to_thread(self.store.vault.reencrypt, new))
         self.keys = new
-        Fernet(new.keys[0].encode()).decrypt(self.store.vault.path.read_bytes())
+        Vault(self.store.vault.path, KeyRing(new.keys[:1])).load()  # a fresh reader: no cached copy to lean on
         self.restart()
 
     @precondition(lambda self: self.account() is not None)

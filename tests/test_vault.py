@@ -60,7 +60,8 @@ def test_undecryptable_vault_raises_and_is_never_overwritten(tmp_path: Path, key
     vault.save(_data())
     blob = vault.path.read_bytes()
     if damage == "tampered":
-        blob = blob[:40] + (b"A" if blob[40:41] != b"A" else b"B") + blob[41:]
+        middle = len(blob) // 2  # inside the Fernet token, past the plain write-id header
+        blob = blob[:middle] + (b"A" if blob[middle:middle + 1] != b"A" else b"B") + blob[middle + 1:]
     elif damage == "truncated":
         blob = blob[: len(blob) // 2]
     vault.path.write_bytes(blob)
@@ -122,3 +123,27 @@ def test_key_sources_follow_the_documented_precedence(tmp_path: Path) -> None:
         load_keyring(None, None, None)
     with pytest.raises(ConfigError, match="not a valid Fernet key"):
         KeyRing(["not-a-key"])
+
+
+def test_unchanged_file_is_not_decrypted_again_but_another_writer_is_seen(tmp_path: Path, keys: KeyRing) -> None:
+    """The write id lets a reader skip decryption of the file it already knows, never of a newer one."""
+    writer, reader = _vault(tmp_path, keys), Vault(tmp_path / "state" / "vault.enc", keys)
+    writer.save(_data("r1"))
+    decrypts = 0
+    real = keys.decrypt
+
+    def counting(token: bytes) -> bytes:
+        nonlocal decrypts
+        decrypts += 1
+        return real(token)
+
+    keys.decrypt = counting  # type: ignore[method-assign]
+    assert reader.load() == _data("r1")
+    assert reader.load() == _data("r1")
+    assert decrypts == 1
+    writer.save(_data("r2"))
+    assert reader.load() == _data("r2")
+    assert decrypts == 2
+    mutated = reader.load()
+    mutated.accounts.clear()
+    assert reader.load() == _data("r2"), "callers may mutate what load() returns without touching the cache"
