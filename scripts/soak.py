@@ -1,4 +1,4 @@
-"""Soak: sustained load on /token, /test and the proxy while tokens rotate every few seconds; memory stays flat.
+"""Soak: sustained load on /token, /test, the proxy and /accounts while tokens rotate; memory stays flat.
 
 Runs one real gateway against the standalone sandbox with a short access TTL (a refresh every ttl/2 s),
 then drives it with wrk (one wrk per endpoint; a Python aiohttp loop when wrk is not installed) for
@@ -25,8 +25,9 @@ import aiohttp
 from _harness import CONSUMER, Harness, report, rss_kib
 
 CONSUMER_BEARER = {"Authorization": f"Bearer {CONSUMER.split(':', 1)[1]}"}
-# endpoint name -> (path under the prefix, send the consumer bearer, connections)
-TARGETS = {"token": ("/token", True, 8), "test": ("/test", False, 8), "proxy": ("/proxy/api/v4/leads", True, 4)}
+# endpoint name -> (path under the prefix, whose bearer to send, connections)
+TARGETS = {"token": ("/token", "consumer", 8), "test": ("/test", None, 8),
+           "proxy": ("/proxy/api/v4/leads", "consumer", 4), "accounts": ("/accounts", "operator", 2)}
 WRK_LUA = """
 local threads = {}
 function setup(thread) table.insert(threads, thread) end
@@ -98,7 +99,8 @@ async def drive(h: Harness, seconds: float, use_wrk: bool, workdir: Path) -> dic
     lua.write_text(WRK_LUA)
     runs = []
     for path, bearer, connections in TARGETS.values():
-        url, headers = h.url(0, path), (CONSUMER_BEARER if bearer else {})
+        headers = {"consumer": CONSUMER_BEARER, "operator": h.admin}.get(bearer or "", {})
+        url = h.url(0, path)
         runs.append(wrk(url, headers, connections, seconds, lua) if use_wrk
                     else python_load(url, headers, connections, seconds))
     results = await asyncio.gather(*runs)
