@@ -106,12 +106,10 @@ def _rotate_key(args: argparse.Namespace) -> int:
     if key_file is None:
         raise ConfigError("rotate-key needs the key file to rewrite: --key-file PATH or AMO_VAULT_KEY_FILE")
     vault = Vault(settings.vault_path, KeyRing.parse(key_file.read_text(encoding="utf-8")))
+    vault.read()  # proves the old keys work before anything is written
     new_keys = vault.keys.rotated()
-    with vault.locked():
-        data = vault.load()  # proves the old keys work before anything is written
-        write_key_file(key_file, new_keys)
-        vault.keys = new_keys
-        vault.save(data)
+    write_key_file(key_file, new_keys)  # lists the old keys too: a crash before the next line loses nothing
+    vault.reencrypt(new_keys)
     from amo_gateway.audit import record_now
 
     record_now(settings.vault_path, new_keys, "key.rotated", key_count=len(new_keys.keys))

@@ -66,17 +66,16 @@ class Flows:
         state = secrets.token_urlsafe(32)
         now = self.clock.time()
         pending = PendingState("exchange", now, now + self.settings.state_ttl, label, login, base_url)
-        await self.store.update(lambda data: _reserve(data, slot, now, _digest(state), pending))
+        until = now + self.settings.exchange_interval
+        await self.store.update(lambda data: _reserve(data, slot, now, until, _digest(state), pending))
         try:
             await self.client.exchange_api_key(base_url, login=login, api_key=api_key, state=state)
-        except UpstreamRateLimited as err:
-            await self._hold_slot(slot)
+        except UpstreamRateLimited as err:  # amoCRM counted the call: the slot stays taken
             raise ExchangeTooSoon("amoCRM says the exchange was called too often for this login; retry later",
                                   retry_after=self.settings.exchange_interval) from err
         except UpstreamError:
             await self.store.update(lambda data: _release(data, slot, _digest(state)))
             raise
-        await self._hold_slot(slot)
         event(log, "exchange.requested", login=login, label=label, state_fp=fingerprint(state))
 
     async def authorize_url(self, label: str | None) -> str:
@@ -137,10 +136,6 @@ class Flows:
         self.settings.require("base_url")
         return self.settings.account_base_url  # type: ignore[return-value]
 
-    async def _hold_slot(self, slot: str) -> None:
-        until = self.clock.time() + self.settings.exchange_interval
-        await self.store.update(lambda data: data.exchange_slots.__setitem__(slot, until))
-
     async def _peek_state(self, state: str | None, from_widget: bool) -> PendingState | None:
         if state is None:
             if from_widget and self.settings.widget_installs:
@@ -185,13 +180,13 @@ def _slot_key(login: str) -> str:
     return hashlib.sha256(login.strip().lower().encode()).hexdigest()
 
 
-def _reserve(data: VaultData, slot: str, now: float, state_key: str, pending: PendingState) -> None:
+def _reserve(data: VaultData, slot: str, now: float, until: float, state_key: str, pending: PendingState) -> None:
     data.prune(now)
-    until = data.exchange_slots.get(slot)
-    if until is not None and until > now:
+    taken = data.exchange_slots.get(slot)
+    if taken is not None and taken > now:
         raise ExchangeTooSoon("the API-key exchange for this login was called less than 5 minutes ago",
-                              retry_after=max(int(until - now) + 1, 1))
-    data.exchange_slots[slot] = now + 60  # held while amoCRM answers; replaced by the real slot after
+                              retry_after=max(int(taken - now) + 1, 1))
+    data.exchange_slots[slot] = until  # taken before amoCRM is asked; given back only if amoCRM did not count it
     data.states[state_key] = pending
 
 

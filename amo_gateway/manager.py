@@ -29,8 +29,16 @@ from amo_gateway.errors import (
 from amo_gateway.locks import RefreshLocks
 from amo_gateway.logs import event
 from amo_gateway.store import Store
-from amo_gateway.tokens import CONNECTED, Account, InFlight, TokenPair, VaultData, fingerprint, needs_refresh
-from amo_gateway.tokens import pair_from_response as _pair_from_response
+from amo_gateway.tokens import (
+    CONNECTED,
+    Account,
+    InFlight,
+    TokenPair,
+    VaultData,
+    fingerprint,
+    needs_refresh,
+    pair_from_response,
+)
 from amo_gateway.vault import Unchanged
 
 log = logging.getLogger("amo_gateway.refresh")
@@ -162,7 +170,7 @@ class TokenManager:
         except UpstreamError as err:
             unsure = bool(err.extra.get("maybe_processed"))  # amoCRM may have spent the token: keep the marker
             return Outcome(account.account_id, "transient", error=err, keep_marker=unsure)
-        return Outcome(account.account_id, "refreshed", pair=_pair_from_response(body, self.clock.time()))
+        return Outcome(account.account_id, "refreshed", pair=pair_from_response(body, self.clock.time()))
 
     async def _find_new_host(self, account: Account, token: str, err: UpstreamError) -> tuple[str, str | None] | None:
         """After a 401/404 that is not a revocation, ask api_domain where the account lives now."""

@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import json
 import secrets
-import socket
 import statistics
 import subprocess
 import sys
@@ -21,14 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from aiohttp.abc import AbstractResolver, ResolveResult
 from cryptography.fernet import Fernet
 
 from amo_gateway.amo_client import AmoClient
 from amo_gateway.clock import SystemClock
 from amo_gateway.locks import RefreshLocks
 from amo_gateway.manager import TokenManager
-from amo_gateway.sandbox import SANDBOX_STATE, SandboxAccount, SandboxConfig, create_sandbox_app
+from amo_gateway.sandbox import SANDBOX_STATE, LoopbackResolver, SandboxAccount, SandboxConfig, create_sandbox_app
 from amo_gateway.store import Store
 from amo_gateway.tokens import Account, TokenPair, VaultData
 from amo_gateway.vault import KeyRing, Vault
@@ -87,15 +85,6 @@ def one_size(n: int, rounds: int) -> dict[str, Any]:
             "file_kib": size / 1024, "rss_mib": rss_kib() / 1024, "rss_delta_mib": (rss_kib() - base) / 1024}
 
 
-class Loopback(AbstractResolver):
-    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[ResolveResult]:
-        return [{"hostname": host, "host": "127.0.0.1", "port": port, "family": socket.AF_INET, "proto": 0,
-                 "flags": socket.AI_NUMERICHOST}]
-
-    async def close(self) -> None:
-        return None
-
-
 async def refresh_rate(n: int) -> dict[str, Any]:
     """n due accounts refreshed by the manager's batch path against an in-process sandbox."""
     import aiohttp
@@ -121,7 +110,7 @@ async def refresh_rate(n: int) -> dict[str, Any]:
             data.accounts[str(account.account_id)] = Account(
                 str(account.account_id), f"http://acct{account.account_id - 20_000_000}.amocrm.ru:{port}", pair)
         vault.save(data)
-        connector = aiohttp.TCPConnector(resolver=Loopback(), limit=64)
+        connector = aiohttp.TCPConnector(resolver=LoopbackResolver(), limit=64)
         async with aiohttp.ClientSession(connector=connector) as session:
             client = AmoClient(session, client_id="bench-client", client_secret=config.client_secret,
                                redirect_uri=config.redirect_uri, timeout=30)

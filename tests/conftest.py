@@ -12,12 +12,17 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.test_utils import TestClient, TestServer
 from cryptography.fernet import Fernet
 
 from amo_gateway.app import create_app
-from amo_gateway.sandbox import SANDBOX_STATE, SandboxAccount, SandboxConfig, SandboxState, create_sandbox_app
+from amo_gateway.sandbox import (
+    SANDBOX_STATE,
+    SandboxAccount,
+    SandboxConfig,
+    SandboxState,
+    create_sandbox_app,
+)
 from amo_gateway.serve import runner_options
 from amo_gateway.settings import PREFIX, Settings
 from amo_gateway.vault import KeyRing, Vault
@@ -25,17 +30,6 @@ from amo_gateway.vault import KeyRing, Vault
 LOGIN = "demo@example.com"
 API_KEY = "sandbox-api-key-for-tests"
 ACCOUNT_ID = 31920194
-
-
-class LoopbackResolver(AbstractResolver):
-    """Every account host (acme.amocrm.ru, api-b.amocrm.ru, …) resolves to 127.0.0.1, where the sandbox is."""
-
-    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[ResolveResult]:
-        return [{"hostname": host, "host": "127.0.0.1", "port": port, "family": socket.AF_INET, "proto": 0,
-                 "flags": socket.AI_NUMERICHOST}]
-
-    async def close(self) -> None:
-        return None
 
 
 class FakeClock:

@@ -16,12 +16,12 @@ import pytest
 
 from amo_gateway.accounts import base_url_for_referer, select_account
 from amo_gateway.errors import BadRequest, NotFound, RefererRefused
-from amo_gateway.sandbox import SandboxAccount
+from amo_gateway.sandbox import LoopbackResolver, SandboxAccount
 from amo_gateway.settings import Settings
 from amo_gateway.tokens import Account, TokenPair, VaultData
 from amo_gateway.typedefs import REFRESHER
 from amo_gateway.vault import Vault
-from tests.conftest import ACCOUNT_ID, API_KEY, LOGIN, FakeClock, LoopbackResolver, Rig, RigFactory
+from tests.conftest import ACCOUNT_ID, API_KEY, LOGIN, FakeClock, Rig, RigFactory
 
 ACME_ID = 555000
 SANDBOX_ACCOUNTS = [SandboxAccount(ACCOUNT_ID, "demo", {LOGIN: API_KEY}), SandboxAccount(ACME_ID, "acme")]
