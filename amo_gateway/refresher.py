@@ -13,6 +13,7 @@ from amo_gateway.tokens import VaultData, account_due_at, backoff_delay
 
 log = logging.getLogger("amo_gateway.refresh")
 ERROR_PAUSE = 30.0
+WATCH = 1.0  # seconds between looks at the vault file while asleep: another process's write re-plans
 LONG_LIVED_WARNING = 14 * 86400  # two weeks' notice to mint a new long-lived token
 
 
@@ -42,12 +43,14 @@ class Refresher:
         *,
         margin: float,
         recheck: float = 60.0,
+        watch: float = WATCH,
         rng: random.Random | None = None,
     ) -> None:
         self.manager = manager
         self.clock = clock
         self.margin = margin
         self.recheck = recheck
+        self.watch = watch
         self._rng = rng or random.Random()  # noqa: S311 - jitter only
         self._retry_at: dict[str, float] = {}
         self._attempts: dict[str, int] = {}
@@ -127,11 +130,24 @@ class Refresher:
             self._attempts.pop(account_id, None)
 
     async def _sleep(self, seconds: float) -> None:
+        """Until the next due time, a wake-up, or a change of the vault file by anyone (another process)."""
         waker = asyncio.ensure_future(self._wake.wait())
         sleeper = asyncio.ensure_future(self.clock.sleep(seconds))
+        watcher = asyncio.ensure_future(self._vault_changes())
         try:
-            await asyncio.wait({waker, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({waker, sleeper, watcher}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (waker, sleeper):
+            for task in (waker, sleeper, watcher):
                 task.cancel()
             self._wake.clear()
+
+    async def _vault_changes(self) -> None:
+        """Return once the vault file differs from what it was (a stat every `watch` s, in real time).
+
+        Processes sharing a vault learn of each other's connects and refreshes only through the file;
+        without this, one that slept through another's connect would wait a whole `recheck` to plan.
+        """
+        vault = self.manager.store.vault
+        seen = vault.signature()
+        while vault.signature() == seen:  # noqa: ASYNC110 - the change happens in another process: no Event to wait on
+            await asyncio.sleep(self.watch)

@@ -189,6 +189,15 @@ class Harness:
     async def token(self, index: int = 0) -> tuple[int, Any]:
         return await self.get_json(self.url(index, "/token"), self.admin)
 
+    async def refreshed(self, index: int) -> int:
+        """How many refreshes gateway `index` itself completed, from its own /metrics."""
+        assert self.session is not None
+        url = f"http://127.0.0.1:{self.ports[index]}/metrics"
+        async with self.session.get(url, headers=self.admin) as resp:
+            text = await resp.text()
+        return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+                   if line.startswith("amo_gateway_refreshes_total{") and 'outcome="refreshed"' in line)
+
     async def stats(self) -> dict[str, Any]:
         status, body = await self.get_json(f"{self.sandbox_url}/_sandbox/stats")
         assert status == 200, body

@@ -4,7 +4,9 @@ Starts N real `amo-gateway serve` processes sharing one vault file (and its lock
 standalone sandbox with a short access TTL, so every process's background refresher and every `/token`
 call compete to refresh. Callers hammer `/token` on every process for the whole run. The sandbox counts
 each refresh token presented; the run fails if any was presented twice, if any caller saw an error,
-or if any process does not end connected with the vault holding the sandbox's live refresh token.
+if any process does not end connected with the vault holding the sandbox's live refresh token, or if
+fewer than two processes refreshed (one process doing all the work would prove nothing about the locks).
+Every process starts before the account is connected: the others learn of it only through the vault file.
 Usage: python scripts/multiproc.py --processes 3 --seconds 180 [--report out.json]
 """
 
@@ -64,10 +66,14 @@ async def run(processes: int, seconds: float, access_ttl: int, workdir: Path) ->
         await asyncio.gather(watch(h, until, problems), *callers)
         ends = await final_checks(h, processes, problems)
         stats = await h.stats()
+        per_process = [await h.refreshed(i) for i in range(processes)]
+    if processes > 1 and sum(1 for n in per_process if n) < 2:
+        problems.append(f"only one process refreshed ({per_process}): the locks were never contended")
     problems.extend(f"{n} /token answers with HTTP {s}" for s, n in answers.items() if s != 200)
     return {
         "processes": processes, "seconds": seconds, "access_ttl": access_ttl,
-        "refreshes": stats["refresh_attempts"], "refresh_tokens_reused": stats["refresh_tokens_reused"],
+        "refreshes": stats["refresh_attempts"], "refreshes_per_process": per_process,
+        "refresh_tokens_reused": stats["refresh_tokens_reused"],
         "token_calls": sum(answers.values()), "token_answers": {str(k): v for k, v in answers.items()},
         "final_status_per_process": ends, "live_refresh_tokens": stats["live_refresh_tokens"],
         "failures": problems,
