@@ -87,16 +87,21 @@ class TokenManager:
         return account
 
     async def access(self, account_id: str) -> TokenPair:
-        """A pair whose access token is valid now, refreshing first if it has (nearly) expired."""
-        account = await self.connected(account_id)
-        assert account.tokens is not None
-        if not account.tokens.expired(self.clock.time()):
-            return account.tokens
-        if account.long_lived:
-            raise ReauthRequired("the long-lived token has expired: import a new one", reason="long_lived_expired")
-        outcome = await self.refresh(account_id, seen=account.tokens.access_token)
-        if outcome.result == "transient" and outcome.error is not None:
-            raise outcome.error
+        """A pair whose access token is valid now, refreshing first if it has (nearly) expired.
+
+        A second round covers a stale view: the pair this process saw may have been replaced by another
+        process with one that is itself expired by now; that one is refreshed too rather than handed out.
+        """
+        for _ in range(2):
+            account = await self.connected(account_id)
+            assert account.tokens is not None
+            if not account.tokens.expired(self.clock.time()):
+                return account.tokens
+            if account.long_lived:
+                raise ReauthRequired("the long-lived token has expired: import a new one", reason="long_lived_expired")
+            outcome = await self.refresh(account_id, seen=account.tokens.access_token)
+            if outcome.result == "transient" and outcome.error is not None:
+                raise outcome.error
         fresh = (await self.connected(account_id)).tokens
         assert fresh is not None
         return fresh

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import random
 import secrets
 import socket
 from collections.abc import Awaitable, Callable
@@ -30,6 +32,12 @@ from amo_gateway.vault import KeyRing, Vault
 LOGIN = "demo@example.com"
 API_KEY = "sandbox-api-key-for-tests"
 ACCOUNT_ID = 31920194
+# The quick model run's seed (tests/test_model.py): random each run, printed in the header, replayable.
+MODEL_SEED = int(os.environ.get("AMO_MODEL_SEED") or random.SystemRandom().randrange(2**32))
+
+
+def pytest_report_header() -> str:
+    return f"model seed: {MODEL_SEED} (replay with AMO_MODEL_SEED={MODEL_SEED})"
 
 
 class FakeClock:
