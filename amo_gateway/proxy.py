@@ -186,7 +186,7 @@ class Proxy:
                 spent = False
             if resp.status == 401 and not refreshed:
                 refreshed = True
-                retry, spent = await self._after_401(call.account_id, token)
+                retry, spent = await self.after_401(call.account_id, token)
                 if retry and call.may_resend(401):
                     resp.release()
                     self.metrics.upstream_retries.labels(call.account_id, "401").inc()
@@ -201,11 +201,12 @@ class Proxy:
                     continue
             return resp
 
-    async def _after_401(self, account_id: str, seen: str) -> tuple[bool, bool]:
+    async def after_401(self, account_id: str, seen: str) -> tuple[bool, bool]:
         """amoCRM refused `seen`: (is there a newer token to retry with, did this call spend a refresh for it).
 
         One decision at a time per account: a burst of 401s on one token costs one refresh, and the others
         retry with its result. While the account's budget is closed, amoCRM's 401 goes back as it came.
+        A caller that spent a refresh and then got past the 401 calls `budget.reopen` (the /test probe too).
         """
         async with self.budget.lock(account_id):
             account = await self.manager.store.account(account_id)

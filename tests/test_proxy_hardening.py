@@ -232,3 +232,15 @@ async def test_a_replay_honours_its_own_callers_accept_encoding(make_rig: RigFac
     assert zipped.headers.get("Content-Encoding") == "gzip"  # re-encoded for a caller that asks
     assert await zipped.read() == original
     assert rig.sandbox.hits["api"] == 1
+
+
+async def test_public_test_endpoint_spends_refresh_tokens_no_more_freely_than_the_proxy(make_rig: RigFactory) -> None:
+    """Anyone may poll /test: with /api/v4/account answering 401 to every token, ten polls cost one refresh."""
+    rig = await _connected(make_rig, test_cache_seconds=0)
+    rig.sandbox.unauthorized_paths = {"/api/v4/account"}
+    before = rig.sandbox.refresh_attempts
+    for _ in range(10):
+        assert (await rig.client.get(rig.url("/test"))).status == 401
+    assert rig.sandbox.refresh_attempts - before == 1
+    data, _ = rig.vault().read()
+    assert data.accounts[str(ACCOUNT_ID)].status == CONNECTED
