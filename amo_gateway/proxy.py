@@ -181,7 +181,7 @@ class Proxy:
         while True:
             token = (await self.manager.access(call.account_id)).access_token
             resp = await self._send_once(call, token)
-            if spent and resp.status != 401:
+            if spent and _authenticated(resp.status):
                 self.budget.reopen(call.account_id)  # amoCRM took the new token: that refresh was needed
                 spent = False
             if resp.status == 401 and not refreshed:
@@ -280,6 +280,11 @@ class Proxy:
     def _count(self, account_id: str, status: int, started: float) -> None:
         self.metrics.proxy_requests.labels(account_id, str(status)).inc()
         self.metrics.proxy_latency.labels(account_id).observe(time.monotonic() - started)
+
+
+def _authenticated(status: int) -> bool:
+    """Whether an answer shows amoCRM accepted the token (a 403 ban, a 429 or a 5xx may come before that)."""
+    return status < 500 and status not in (401, 403, 429)
 
 
 def _dropped(request: web.Request) -> set[str]:

@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 import aiohttp
+import pytest
 from yarl import URL
 
 from amo_gateway.audit import audit_path
@@ -244,3 +245,15 @@ async def test_public_test_endpoint_spends_refresh_tokens_no_more_freely_than_th
     assert rig.sandbox.refresh_attempts - before == 1
     data, _ = rig.vault().read()
     assert data.accounts[str(ACCOUNT_ID)].status == CONNECTED
+
+
+def test_proxy_paths_setting_takes_only_plain_prefixes() -> None:
+    """AMO_PROXY_PATHS: comma-separated, each /…/; a prefix without its closing / would admit /api/v4x too."""
+    from amo_gateway.errors import ConfigError
+    from amo_gateway.settings import load_settings
+
+    settings = load_settings(None, environ={"AMO_PROXY_PATHS": "/api/v4/, /api/v2/"})
+    assert settings.proxy_paths == ["/api/v4/", "/api/v2/"]
+    for bad in ("/api/v4", "api/v4/", "/", "/api/../oauth2/", "/api/%764/", "/api//v4/", "/api\\v4/"):
+        with pytest.raises(ConfigError, match="AMO_PROXY_PATHS"):
+            load_settings(None, environ={"AMO_PROXY_PATHS": bad})
