@@ -100,7 +100,7 @@ def _proxy_ctx(resolver: AbstractResolver | None):  # type: ignore[no-untyped-de
             manager, audit = app[MANAGER], app[AUDIT]
             manager.observers.append(app[METRICS].observe_refresh)
             manager.observers.append(lambda outcome: _audit_refresh(audit, outcome))
-            app[PROXY] = Proxy(app[SETTINGS], session, manager, app[AUTH], app[METRICS])
+            app[PROXY] = Proxy(app[SETTINGS], session, manager, app[AUTH], app[METRICS], audit=audit)
             yield
 
     return ctx

@@ -34,6 +34,17 @@ class Metrics:
         self.proxy_latency = Histogram("amo_gateway_proxy_request_duration_seconds",
                                        "Proxied request time to amoCRM's response headers, queueing included",
                                        ["account"], buckets=LATENCY_BUCKETS, registry=r)
+        self.proxy_refused = Counter("amo_gateway_proxy_refused", "Proxied requests refused for their path, by reason "
+                                     "(never sent to amoCRM)", ["reason"], registry=r)
+        self.upstream_401 = Counter("amo_gateway_proxy_upstream_401",
+                                    "401s from amoCRM by what followed: refreshed (a refresh token spent), shared "
+                                    "(retried with another caller's new token), budget_closed (passed back, no "
+                                    "refresh), or the refresh's other outcome", ["account", "action"], registry=r)
+        self.idempotency_bytes = Gauge("amo_gateway_idempotency_bytes",
+                                       "Bytes of answers remembered for Idempotency-Key replays", registry=r)
+        self.idempotency_evictions = Counter("amo_gateway_idempotency_evictions",
+                                             "Remembered answers dropped to stay under AMO_IDEMPOTENCY_MAX_BYTES",
+                                             registry=r)
         self.upstream_retries = Counter("amo_gateway_proxy_upstream_retries", "Proxy retries by cause",
                                         ["account", "cause"], registry=r)
         self.queue_depth = Gauge("amo_gateway_ratelimit_queue_depth", "Callers waiting for the account's rate limit",

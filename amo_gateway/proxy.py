@@ -1,9 +1,11 @@
 """The amoCRM API proxy: `{prefix}/proxy/{path}` forwarded to the account host with the current token injected.
 
-Every upstream send passes the account's breaker and rate limiter. Bodies stream both ways; a request body
-up to RETRY_BUFFER bytes is held in memory so that it can be resent after a 401 (one refresh, one retry) or
-a 429 (idempotent methods only, with backoff). POST/PATCH are resent only under the caller's Idempotency-Key,
-and only after a 401 (amoCRM refused them before doing anything).
+Only amoCRM's API is forwarded, and only plain paths (proxy_paths.py); anything else is refused before
+any upstream call. Every upstream send passes the account's breaker and rate limiter. Bodies stream both
+ways; a request body up to RETRY_BUFFER bytes is held in memory so that it can be resent after a 401 (one
+refresh, within the account's budget, see refresh_budget.py; one retry) or a 429 (idempotent methods only,
+with backoff). POST/PATCH are resent only under the caller's Idempotency-Key, and only after a 401 (amoCRM
+refused them before doing anything).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import random
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import web
@@ -22,22 +23,25 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from amo_gateway.accounts import select_account
+from amo_gateway.audit import AuditLog
 from amo_gateway.auth import Authenticator
 from amo_gateway.breaker import Breakers
-from amo_gateway.errors import BadRequest, GatewayError, UpstreamTimeout, UpstreamUnavailable
-from amo_gateway.idempotency import MAX_REMEMBERED_BODY, IdempotencyStore, request_fingerprint
+from amo_gateway.errors import GatewayError, RequestRejected, UpstreamTimeout, UpstreamUnavailable
+from amo_gateway.idempotency import MAX_REMEMBERED_BODY, IdempotencyStore, decoded, request_fingerprint
 from amo_gateway.logs import event
 from amo_gateway.manager import TokenManager
 from amo_gateway.metrics import Metrics
+from amo_gateway.proxy_paths import forwarded_target
 from amo_gateway.ratelimit import Limiters
-from amo_gateway.settings import PREFIX, Settings
+from amo_gateway.refresh_budget import RefreshBudget
+from amo_gateway.settings import Settings
 
 log = logging.getLogger("amo_gateway.proxy")
 
-ROOT = f"{PREFIX}/proxy/"
 ACCOUNT_HEADER = "X-Amo-Account"
 RETRY_BUFFER = 256 * 1024
 CHUNK = 64 * 1024
+MAX_AUDITED_PATH = 256  # a refused path is audited clipped: the trail must not grow by what callers send
 MAX_RETRY_AFTER = 5.0  # a longer Retry-After goes back to the caller instead of holding its connection
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 KEYED = frozenset({"POST", "PATCH"})
@@ -65,6 +69,15 @@ class Body:
 
 
 @dataclass(frozen=True)
+class Caller:
+    """Who asks, for which account, and the checked path and query to forward."""
+
+    consumer: str
+    account_id: str
+    target: str
+
+
+@dataclass(frozen=True)
 class Call:
     """One proxied request as the gateway will send it."""
 
@@ -89,15 +102,20 @@ class Proxy:
     """Forwards callers' requests to amoCRM under one rate budget and breaker per account."""
 
     def __init__(self, settings: Settings, session: aiohttp.ClientSession, manager: TokenManager,
-                 auth: Authenticator, metrics: Metrics, *, rng: random.Random | None = None) -> None:
+                 auth: Authenticator, metrics: Metrics, *, audit: AuditLog | None = None,
+                 rng: random.Random | None = None) -> None:
         self.settings = settings
         self.session = session
         self.manager = manager
         self.auth = auth
         self.metrics = metrics
+        self.audit = audit
         self.limiters = Limiters(settings.rate_limit, settings.proxy_queue, window=1.0 + settings.rate_guard)
         self.breakers = Breakers(settings.breaker_cooldown, time.monotonic)
-        self.idempotency = IdempotencyStore(settings.idempotency_window)
+        self.budget = RefreshBudget(settings.proxy_refresh_interval)
+        self.idempotency = IdempotencyStore(settings.idempotency_window, settings.idempotency_max_bytes,
+                                            on_evict=metrics.idempotency_evictions.inc)
+        metrics.idempotency_bytes.set_function(lambda: self.idempotency.size)
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.upstream_timeout,
                                               sock_read=settings.proxy_timeout)
         self._rng = rng or random.Random()  # noqa: S311 - jitter only
@@ -105,19 +123,20 @@ class Proxy:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Any method on `{prefix}/proxy/{path}`."""
         consumer = self.auth.consumer_or_operator(request)
+        target = self._target(request, consumer)
         account_id = await self._account(request)
         started = time.monotonic()
         try:
-            return await self._handle(request, consumer, account_id, started)
+            return await self._handle(request, Caller(consumer, account_id, target), started)
         except GatewayError as err:
             self.metrics.proxy_requests.labels(account_id, str(err.status)).inc()
             raise
 
-    async def _handle(self, request: web.Request, consumer: str, account_id: str,
-                      started: float) -> web.StreamResponse:
-        call = await self._call(request, consumer, account_id)
+    async def _handle(self, request: web.Request, caller: Caller, started: float) -> web.StreamResponse:
+        call = await self._call(request, caller)
+        account_id = caller.account_id
         if call.key is not None:
-            replay = self.idempotency.begin(consumer, call.key, request_fingerprint(call.method, call.target))
+            replay = self.idempotency.begin(call.consumer, call.key, request_fingerprint(call.method, call.target))
             if replay is not None:
                 self._count(account_id, replay.status or 0, started)
                 return _replayed(replay.status or 0, replay.headers, replay.body or b"")
@@ -130,30 +149,45 @@ class Proxy:
         finally:
             resp.release()
 
+    def _target(self, request: web.Request, consumer: str) -> str:
+        """The path and query to forward; a refused path is counted, logged and audited, and never sent."""
+        try:
+            return forwarded_target(request.raw_path, self.settings.proxy_paths)
+        except RequestRejected as err:
+            path = request.raw_path.partition("?")[0][:MAX_AUDITED_PATH]  # never the query: it may hold anything
+            self.metrics.proxy_refused.labels(err.code).inc()
+            event(log, "proxy.refused", level=logging.WARNING, consumer=consumer, reason=err.code,
+                  method=request.method)
+            if self.audit is not None:
+                self.audit.record("proxy.refused", consumer=consumer, reason=err.code, method=request.method,
+                                  path=path)
+            raise
+
     async def _account(self, request: web.Request) -> str:
         selector = request.headers.get(ACCOUNT_HEADER) or request.query.get("account")
         return select_account(await self.manager.store.snapshot(), selector)
 
-    async def _call(self, request: web.Request, consumer: str, account_id: str) -> Call:
-        target = _target(request.raw_path)
+    async def _call(self, request: web.Request, caller: Caller) -> Call:
         headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in _dropped(request))
         key = request.headers.get("Idempotency-Key") if request.method in KEYED else None
         body = await _read_body(request)
         if body.resendable:
             headers.popall("Content-Length", None)  # aiohttp sets it from the bytes
-        return Call(consumer, account_id, request.method, target, headers, body, key)
+        return Call(caller.consumer, caller.account_id, request.method, caller.target, headers, body, key)
 
     async def _exchange(self, call: Call) -> aiohttp.ClientResponse:
         """Send, with one refresh-and-retry on 401 and bounded backoff on 429; the last answer is returned."""
-        refreshed, attempt = False, 0
+        refreshed, spent, attempt = False, False, 0
         while True:
             token = (await self.manager.access(call.account_id)).access_token
             resp = await self._send_once(call, token)
+            if spent and _authenticated(resp.status):
+                self.budget.reopen(call.account_id)  # amoCRM took the new token: that refresh was needed
+                spent = False
             if resp.status == 401 and not refreshed:
                 refreshed = True
-                event(log, "proxy.upstream_401", level=logging.WARNING, account=call.account_id)
-                await self.manager.refresh(call.account_id, seen=token)
-                if call.may_resend(401):
+                retry, spent = await self.after_401(call.account_id, token)
+                if retry and call.may_resend(401):
                     resp.release()
                     self.metrics.upstream_retries.labels(call.account_id, "401").inc()
                     continue
@@ -166,6 +200,34 @@ class Proxy:
                     await asyncio.sleep(delay)
                     continue
             return resp
+
+    async def after_401(self, account_id: str, seen: str) -> tuple[bool, bool]:
+        """amoCRM refused `seen`: (is there a newer token to retry with, did this call spend a refresh for it).
+
+        One decision at a time per account: a burst of 401s on one token costs one refresh, and the others
+        retry with its result. While the account's budget is closed, amoCRM's 401 goes back as it came.
+        A caller that spent a refresh and then got past the 401 calls `budget.reopen` (the /test probe too).
+        """
+        async with self.budget.lock(account_id):
+            account = await self.manager.store.account(account_id)
+            current = account.tokens.access_token if account is not None and account.tokens is not None else None
+            if current is not None and current != seen:
+                self._noted_401(account_id, "shared")
+                return True, False
+            if not self.budget.is_open(account_id):
+                self._noted_401(account_id, "budget_closed")
+                return False, False
+            self.budget.close(account_id)
+            outcome = await self.manager.refresh(account_id, seen=seen)
+            if outcome.result == "skipped":  # another process had replaced it: nothing was spent here
+                self.budget.reopen(account_id)
+            self._noted_401(account_id, outcome.result)
+            return outcome.result in ("refreshed", "skipped", "reauth"), outcome.result == "refreshed"
+
+    def _noted_401(self, account_id: str, action: str) -> None:
+        """Log and count what a 401 from amoCRM led to."""
+        event(log, "proxy.upstream_401", level=logging.WARNING, account=account_id, action=action)
+        self.metrics.upstream_401.labels(account_id, action).inc()
 
     async def _send_once(self, call: Call, token: str) -> aiohttp.ClientResponse:
         breaker = self.breakers.get(call.account_id)
@@ -207,8 +269,12 @@ class Proxy:
         """Read the answer (up to the replay limit), remember it under the key, then pass it on."""
         assert call.key is not None
         head = await _read_up_to(resp.content, MAX_REMEMBERED_BODY)
-        kept = head if len(head) <= MAX_REMEMBERED_BODY else None
-        self.idempotency.finish(call.consumer, call.key, resp.status, _down_headers(resp), kept)
+        headers = _down_headers(resp)
+        plain = decoded(headers, head) if len(head) <= MAX_REMEMBERED_BODY else None
+        if plain is None:
+            self.idempotency.finish(call.consumer, call.key, resp.status, headers, None)
+        else:
+            self.idempotency.finish(call.consumer, call.key, resp.status, *plain)
         return await _relay(request, resp, head)
 
     def _count(self, account_id: str, status: int, started: float) -> None:
@@ -216,16 +282,9 @@ class Proxy:
         self.metrics.proxy_latency.labels(account_id).observe(time.monotonic() - started)
 
 
-def _target(raw_path: str) -> str:
-    """`/api/v4/leads?limit=50` from the raw request path, refusing dot segments; `account=` dropped."""
-    path, _, query = raw_path.partition("?")
-    if not path.startswith(ROOT):
-        raise BadRequest("the proxied path must follow /proxy/ literally", code="bad_proxy_path")
-    tail = path[len(ROOT):]
-    if any(unquote(seg) in (".", "..") or "\\" in unquote(seg) for seg in tail.split("/")):
-        raise BadRequest("the proxied path may not hold . or .. segments", code="bad_proxy_path")
-    kept = [p for p in query.split("&") if p and unquote(p.partition("=")[0]) != "account"]
-    return "/" + tail + ("?" + "&".join(kept) if kept else "")
+def _authenticated(status: int) -> bool:
+    """Whether an answer shows amoCRM accepted the token (a 403 ban, a 429 or a 5xx may come before that)."""
+    return status < 500 and status not in (401, 403, 429)
 
 
 def _dropped(request: web.Request) -> set[str]:
@@ -287,13 +346,14 @@ async def _relay(request: web.Request, resp: aiohttp.ClientResponse, head: bytes
 
 
 def _replayed(status: int, headers: tuple[tuple[str, str], ...], body: bytes) -> web.Response:
-    """A remembered answer, marked as a replay."""
+    """A remembered (decoded) answer, marked as a replay, compressed only if this caller accepts it."""
     out = web.Response(status=status, body=body)
     out.headers.extend((k, v) for k, v in headers if k.lower() not in ("content-length", "content-type"))
     for k, v in headers:
         if k.lower() == "content-type":
             out.headers["Content-Type"] = v
     out.headers["Idempotent-Replayed"] = "true"
+    out.enable_compression()  # aiohttp picks gzip or deflate from this request's Accept-Encoding, or none
     return out
 
 

@@ -16,7 +16,8 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get(f"{PREFIX}/token", views.token)
     app.router.add_get(f"{PREFIX}/disconnect", views.disconnect)
     app.router.add_get(f"{PREFIX}/accounts", views.accounts)
-    app.router.add_route("*", f"{PREFIX}/proxy/{{path:.*}}", views.proxy)
+    # [\s\S], not `.`: a path holding an encoded newline must reach the proxy to be refused (and audited).
+    app.router.add_route("*", PREFIX + r"/proxy/{path:[\s\S]*}", views.proxy)
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
     app.router.add_get("/metrics", health.metrics)

@@ -27,7 +27,7 @@ CREDENTIAL_FILES = {
     "admin_token": "admin-token",
     "consumer_tokens": "consumer-tokens",
 }  # the vault key is read by vault.load_keyring, which owns its own precedence
-_LIST_FIELDS = {"trusted_proxies", "allowed_base_domains", "allowed_accounts"}
+_LIST_FIELDS = {"trusted_proxies", "allowed_base_domains", "allowed_accounts", "proxy_paths"}
 
 
 class Settings(BaseModel):
@@ -62,6 +62,9 @@ class Settings(BaseModel):
     proxy_retries: int = Field(default=2, ge=0)
     breaker_cooldown: float = Field(default=60.0, gt=0)
     idempotency_window: float = Field(default=3600.0, gt=0)
+    idempotency_max_bytes: int = Field(default=32 * 1024 * 1024, gt=0)  # remembered answers, all consumers
+    proxy_paths: list[str] = Field(default_factory=lambda: ["/api/v4/"])  # what the proxy forwards (prefixes)
+    proxy_refresh_interval: float = Field(default=300.0, ge=0)  # one 401-triggered refresh per account per this
     trusted_proxies: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
     allowed_base_domains: list[str] = Field(default_factory=lambda: list(DEFAULT_BASE_DOMAINS))
     allowed_accounts: list[str] = Field(default_factory=list)
@@ -73,11 +76,23 @@ class Settings(BaseModel):
     log_level: str = "INFO"
     max_body_bytes: int = Field(default=16 * 1024, gt=0)
 
-    @field_validator("trusted_proxies", "allowed_base_domains", "allowed_accounts", mode="before")
+    @field_validator("trusted_proxies", "allowed_base_domains", "allowed_accounts", "proxy_paths", mode="before")
     @classmethod
     def _split_csv(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("proxy_paths")
+    @classmethod
+    def _plain_prefixes(cls, value: list[str]) -> list[str]:
+        """Each prefix is a literal path from the root ending in `/`, so `/api/v4` cannot also admit `/api/v4x`."""
+        for prefix in value:
+            segments = prefix.strip("/").split("/")
+            if not prefix.startswith("/") or not prefix.endswith("/") or prefix == "/":
+                raise ValueError(f"{prefix!r} must start and end with / and name a path, e.g. /api/v4/")
+            if any(s in ("", ".", "..") or not s.isascii() or "%" in s or "\\" in s for s in segments):
+                raise ValueError(f"{prefix!r} must be plain path segments (no empty, dot, encoded or non-ASCII ones)")
         return value
 
     @property

@@ -154,11 +154,16 @@ async def _probe(app: web.Application, account_id: str) -> dict[str, Any]:
     try:
         await _rate_slot(app, account_id)
         info = await manager.client.account(account.base_url, pair.access_token)
-    except UpstreamUnauthorized:  # the token died early: one refresh, one retry
-        await manager.refresh(account_id, seen=pair.access_token)
+    except UpstreamUnauthorized:  # the token died early: one refresh, one retry, within the proxy's 401 budget
+        proxy = app[PROXY]  # anyone may call /test: it must not spend refresh tokens more freely than the proxy
+        retry, spent = await proxy.after_401(account_id, pair.access_token)
+        if not retry:
+            raise
         pair = await manager.access(account_id)
         await _rate_slot(app, account_id)
         info = await manager.client.account(account.base_url, pair.access_token)
+        if spent:
+            proxy.budget.reopen(account_id)
     now = app[CLOCK].time()
     return {
         "status": "connected",

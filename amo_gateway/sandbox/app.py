@@ -201,7 +201,8 @@ def _bearer_account(request: web.Request) -> SandboxAccount:
     state = request.app[SANDBOX_STATE]
     account = state.account_for_host(request.host)
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or state.access_account(token.strip()) != account.account_id:
+    refused = state.always_unauthorized(request.path)
+    if refused or scheme.lower() != "bearer" or state.access_account(token.strip()) != account.account_id:
         raise OAuthProblem(401, "Unauthorized", title="Unauthorized", type_=API_PROBLEM_TYPE,
                            detail="Access token is invalid or expired")
     return account
@@ -226,7 +227,10 @@ async def _api(request: web.Request) -> web.StreamResponse:
         "headers": {k: v for k, v in request.headers.items() if k.lower() != "authorization"}}
     if request.method == "GET" and request.path.rstrip("/") == "/api/v4/leads":
         body["_embedded"] = {"leads": [{"id": i, "name": f"Lead {i}", "price": 1000 * i} for i in (1, 2, 3)]}
-    return web.json_response(body)
+    answer = web.json_response(body)
+    if request.app[SANDBOX_STATE].config.gzip_api:
+        answer.enable_compression()  # as amoCRM's nginx does for a caller that accepts gzip
+    return answer
 
 
 async def _subdomain(request: web.Request) -> web.StreamResponse:
@@ -265,14 +269,14 @@ async def _stats(request: web.Request) -> web.StreamResponse:
 
 
 async def _faults(request: web.Request) -> web.StreamResponse:
-    """POST /_sandbox/faults: set fail_next, delay, drop_next_refresh, banned (or clear)."""
+    """POST /_sandbox/faults: set fail_next, delay, drop_next_refresh, banned, unauthorized_paths (or clear)."""
     state = request.app[SANDBOX_STATE]
     try:
         state.set_switches(await _control_body(request))
     except (TypeError, ValueError) as exc:
         raise web.HTTPBadRequest(text=f"bad switches: {exc}") from None
     return web.json_response({k: v for k, v in state.stats().items()
-                              if k in ("fail_next", "delay", "drop_next_refresh", "banned")})
+                              if k in ("fail_next", "delay", "drop_next_refresh", "banned", "unauthorized_paths")})
 
 
 async def _authorize(request: web.Request) -> web.StreamResponse:

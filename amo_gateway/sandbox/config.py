@@ -41,6 +41,7 @@ class SandboxConfig:
     api_domain: str | None = None
     rate_limit: int = 7
     ban_after: int | None = None
+    gzip_api: bool = False  # compress /api/v4 answers for callers that accept gzip, as amoCRM's nginx does
     clock: Callable[[], float] = time.time
 
     def __post_init__(self) -> None:

@@ -90,6 +90,7 @@ class SandboxState:
         self.drop_next_refresh = 0
         self.revoked_accounts: set[int] = set()
         self.banned: set[int] = set()
+        self.unauthorized_paths: set[str] = set()  # /api/v4 paths that answer 401 whatever the token
         # Counters.
         self.hits: Counter[str] = Counter()
         self.refresh_attempts = 0
@@ -283,10 +284,16 @@ class SandboxState:
         self.dropped_refreshes += 1
         return True
 
+    def always_unauthorized(self, path: str) -> bool:
+        """Whether this API path answers 401 to any token (as amoCRM does for a user without rights)."""
+        return path in self.unauthorized_paths
+
     def set_switches(self, data: dict[str, Any]) -> None:
-        """Apply switches from JSON: fail_next/delay per route, drop_next_refresh, banned, clear."""
+        """Apply switches from JSON: fail_next/delay per route, drop_next_refresh, banned, unauthorized_paths,
+        clear."""
         if data.get("clear"):
             self.fail_next, self.delay, self.drop_next_refresh = {}, {}, 0
+            self.unauthorized_paths = set()
         for route, statuses in dict(data.get("fail_next") or {}).items():
             self.fail_next[str(route)] = [int(s) for s in statuses]
         for route, seconds in dict(data.get("delay") or {}).items():
@@ -295,6 +302,8 @@ class SandboxState:
             self.drop_next_refresh = int(data["drop_next_refresh"])
         if "banned" in data:
             self.banned = {int(a) for a in data["banned"]}
+        if "unauthorized_paths" in data:
+            self.unauthorized_paths = {str(p) for p in data["unauthorized_paths"]}
 
     def stats(self) -> dict[str, Any]:
         """Counters and switches as JSON, without any token or code string."""
@@ -311,4 +320,5 @@ class SandboxState:
             "max_requests_in_window": {str(a): self.max_requests_in_window(a) for a in ids},
             "fail_next": self.fail_next, "delay": self.delay, "drop_next_refresh": self.drop_next_refresh,
             "banned": sorted(self.banned), "revoked_accounts": sorted(self.revoked_accounts),
+            "unauthorized_paths": sorted(self.unauthorized_paths),
         }
