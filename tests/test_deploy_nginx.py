@@ -548,8 +548,9 @@ def test_encoded_separators_get_400_and_never_reach_the_gateway(stack: Stack, of
                                             body=b"{}" if method == "POST" else None)
             assert (status, headers["content-type"]) == (400, "application/json"), (path, status, body)
             assert json.loads(body)["error"] == code, (path, body)
-        for target in (f"{PREFIX}/test\x01".encode(), f"{PREFIX}/proxy/api/v4/leads\x7f".encode()):
-            assert _raw_request_line(port, target, source).startswith(b"HTTP/1.1 400 "), target
+        absolute = f"https://{SERVER_NAME}{BAD_PATHS[0][1]}"  # an absolute-form target is checked the same
+        for target in (f"{PREFIX}/test\x01", f"{PREFIX}/proxy/api/v4/leads\x7f", absolute):
+            assert _raw_request_line(port, target.encode(), source).startswith(b"HTTP/1.1 400 "), target
     status, _, _ = request(stack, "GET", f"{PREFIX}/test?x=%2f..%2F%5c%2e%00", source="127.0.0.7")
     assert status == 200
     status, _, _ = request(stack, "GET", f"{PREFIX}/proxy/api/v4/leads?query=a%2Fb%2e.", headers=CONSUMER,
