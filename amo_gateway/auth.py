@@ -44,6 +44,13 @@ class Authenticator:
                     return name
         raise Unauthorized("a valid bearer token is required (the operator's or a consumer's)")
 
+    def optional(self, request: web.Request) -> str | None:
+        """None for a caller who sends no Authorization header; otherwise as consumer_or_operator (a wrong
+        bearer is refused, not quietly treated as anonymous, so a typo shows up at once)."""
+        if "Authorization" not in request.headers:
+            return None
+        return self.consumer_or_operator(request)
+
 
 def parse_consumers(text: str) -> dict[str, str]:
     """`name:token` pairs separated by commas or newlines."""

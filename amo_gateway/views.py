@@ -93,12 +93,23 @@ async def token(request: web.Request) -> web.Response:
     })
 
 
+# What /test tells a caller without a bearer: is it alive, and until when. The account's id, subdomain and
+# name identify the customer behind the public domain, so they need the operator's or a consumer's bearer.
+PUBLIC_TEST_FIELDS = ("status", "expires_at", "expires_in")
+
+
 async def test(request: web.Request) -> web.Response:
-    """GET /test: is the connection alive? Calls /api/v4/account, cached briefly to spare amoCRM's 7 rps."""
+    """GET /test: is the connection alive? Calls /api/v4/account, cached briefly to spare amoCRM's 7 rps.
+
+    Anyone gets `status` and the expiry; a bearer holder also gets the account's id, subdomain and name.
+    """
+    caller = request.app[AUTH].optional(request)
     account_id = await _account_id(request)
     await request.app[MANAGER].connected(account_id)  # not connected / reauth: said at once, never from cache
     seconds = request.app[SETTINGS].test_cache_seconds
     body = await request.app[TEST_CACHE].get_or_probe(account_id, lambda: _probe(request.app, account_id), seconds)
+    if caller is None:
+        body = {field: body[field] for field in PUBLIC_TEST_FIELDS}
     return web.json_response(body)
 
 

@@ -174,11 +174,12 @@ async def test_authorize_redirects_to_the_consent_page_with_a_fresh_state(rig: R
 
 
 async def test_test_endpoint_reports_the_account_without_any_token(rig: Rig) -> None:
-    """/test: 200 with account id, subdomain and expiry; the body carries no token."""
+    """/test with a bearer: 200 with account id, subdomain and expiry; the body carries no token."""
     await rig.connect()
-    resp = await rig.client.get(rig.url("/test"))
+    resp = await rig.client.get(rig.url("/test"), headers=rig.admin)
     assert resp.status == 200
     body = await resp.json()
+    assert body["status"] == "connected"
     assert body["account_id"] == str(ACCOUNT_ID)
     assert body["subdomain"] == "demo"
     assert body["expires_in"] > 0
@@ -188,6 +189,29 @@ async def test_test_endpoint_reports_the_account_without_any_token(rig: Rig) -> 
     text = await resp.text()
     assert tokens.access_token not in text
     assert str(tokens.refresh_token) not in text
+
+
+async def test_test_tells_the_public_only_status_and_expiry(rig: Rig) -> None:
+    """Without a bearer /test says `status`, `expires_at` and `expires_in`: no account id, subdomain or name."""
+    await rig.connect()
+    full = await (await rig.client.get(rig.url("/test"), headers=rig.admin)).json()
+    resp = await rig.client.get(rig.url("/test"))
+    assert resp.status == 200
+    body = await resp.json()
+    assert body == {"status": "connected", "expires_at": full["expires_at"], "expires_in": body["expires_in"]}
+    assert 0 < body["expires_in"] <= full["expires_in"]
+    assert "demo" not in (await resp.text()).lower()  # the sandbox account's subdomain and name
+
+
+async def test_test_shows_the_account_to_a_consumer_and_refuses_a_wrong_bearer(rig: Rig) -> None:
+    """A consumer's bearer sees the account's id and subdomain; a wrong bearer is 401, not the public view."""
+    await rig.connect()
+    resp = await rig.client.get(rig.url("/test"), headers={"Authorization": "Bearer consumer-secret-1"})
+    body = await resp.json()
+    assert (resp.status, body["account_id"], body["subdomain"]) == (200, str(ACCOUNT_ID), "demo")
+    for bad in ("Bearer nope", "Basic consumer-secret-1"):
+        resp = await rig.client.get(rig.url("/test"), headers={"Authorization": bad})
+        assert (resp.status, (await resp.json())["error"]) == (401, "unauthorized")
 
 
 async def test_test_and_token_say_not_connected_before_any_exchange(rig: Rig) -> None:
