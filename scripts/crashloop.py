@@ -13,6 +13,8 @@ With the process dead, the state it left is judged:
 
 After the restart the gateway must come back connected, or - only when the answer was provably lost -
 in `reauth_required` with a reason starting `refresh_answer_lost` (then the harness reconnects).
+A kill moment counts under its kind only when it was actually reached (a moment that did not come in time
+is a kill at an arbitrary moment, counted as `missed`); any exception of the run is a recorded failure.
 Usage: python scripts/crashloop.py --kills 200 [--report out.json]
 """
 
@@ -48,6 +50,9 @@ class Ledger:
         self.outcomes: Counter[str] = Counter()
         self.modes: Counter[str] = Counter()
         self.kills = 0
+        self.missed: Counter[str] = Counter()
+        self.judged = 0
+        self.decrypted = 0
         self.kills_mid_write = 0
         self.reconnects = 0
         self.seen: list[str] = []
@@ -62,19 +67,19 @@ class Ledger:
         self.seen.append(refresh_fp)
 
 
-async def wait_for_kill_moment(h: Harness, mode: str, rng: random.Random) -> None:
-    """Sleep until the chosen kind of moment arrives (each bounded in time)."""
+async def wait_for_kill_moment(h: Harness, mode: str, rng: random.Random) -> bool:
+    """Sleep until the chosen kind of moment arrives (each bounded in time); False when it never came."""
     if mode == "mid_refresh":
         await h.faults(delay={"token": REFRESH_DELAY})
         before = (await h.stats())["hits"].get("token", 0)
-        await poll(lambda: _hits_past(h, before), 6)
-    elif mode == "lost_answer":
+        return await poll(lambda: _hits_past(h, before), 6)
+    if mode == "lost_answer":
         await h.faults(drop_next_refresh=1)
-        await poll(lambda: _answer_dropped(h), 6)
-    elif mode == "vault_write":
-        await poll(lambda: _writing(h), 4, interval=0)  # as fast as the loop allows: a write lasts milliseconds
-    else:
-        await asyncio.sleep(rng.uniform(0.05, 1.6))  # a refresh falls due every ttl/2 = 1.5 s
+        return await poll(lambda: _answer_dropped(h), 6)
+    if mode == "vault_write":
+        return await poll(lambda: _writing(h), 4, interval=0)  # as fast as the loop allows: a write takes ms
+    await asyncio.sleep(rng.uniform(0.05, 1.6))  # a refresh falls due every ttl/2 = 1.5 s
+    return True
 
 
 async def _hits_past(h: Harness, before: int) -> bool:
@@ -99,10 +104,12 @@ def _temp_files(h: Harness) -> list[str]:
 
 async def judge_frozen(h: Harness, ledger: Ledger, round_no: int) -> str:
     """With the gateway dead: the vault decrypts and holds the live token or the lost in-flight one."""
+    ledger.judged += 1
     try:
         token, marker, status = h.vault_refresh()
     except Exception as err:
         raise Failure(f"round {round_no}: the vault does not decrypt after SIGKILL ({type(err).__name__})") from err
+    ledger.decrypted += 1
     if token is None:
         raise Failure(f"round {round_no}: the vault lost the account's token pair")
     ledger.observe(fp(token), round_no)
@@ -144,8 +151,8 @@ async def check_running(h: Harness, round_no: int) -> None:
 async def one_round(h: Harness, ledger: Ledger, rng: random.Random, round_no: int) -> None:
     """Kill at a chosen moment, judge the remains, restart, and judge the comeback."""
     mode = rng.choices(MODES, WEIGHTS)[0]
-    ledger.modes[mode] += 1
-    await wait_for_kill_moment(h, mode, rng)
+    reached = await wait_for_kill_moment(h, mode, rng)
+    (ledger.modes if reached else ledger.missed)[mode] += 1
     await h.kill()
     ledger.kills += 1
     ledger.kills_mid_write += bool(_temp_files(h))
@@ -178,30 +185,42 @@ async def run(kills: int, seed: int, access_ttl: int, workdir: Path, max_seconds
     rng = random.Random(seed)  # chooses kill moments, not secrets
     ledger = Ledger()
     started = time.monotonic()
+    stats: dict[str, Any] = {}
+    final = "not reached"
     async with Harness(workdir, access_ttl=access_ttl) as h:
-        await h.start()
-        await h.connect()
-        for round_no in range(1, kills + 1):
-            if time.monotonic() - started > max_seconds:
-                ledger.failures.append(f"time bound of {max_seconds} s reached after {ledger.kills} kills")
-                break
-            await one_round(h, ledger, rng, round_no)
-        stats = await h.stats()
-        await h.stop()
-        final = await judge_frozen(h, ledger, kills + 1)
+        try:
+            await h.start()
+            await h.connect()
+            for round_no in range(1, kills + 1):
+                if time.monotonic() - started > max_seconds:
+                    ledger.failures.append(f"time bound of {max_seconds} s reached after {ledger.kills} kills")
+                    break
+                await one_round(h, ledger, rng, round_no)
+            stats = await h.stats()
+            await h.stop()
+            final = await judge_frozen(h, ledger, kills + 1)
+        except Exception as err:  # an invariant broke, or the rig did: either way a recorded failure, not a crash
+            ledger.failures.append(str(err) if isinstance(err, Failure) else f"{type(err).__name__}: {err}")
     return figures(ledger, stats, final, time.monotonic() - started, seed)
 
 
 def figures(ledger: Ledger, stats: dict[str, Any], final: str, seconds: float, seed: int) -> dict[str, Any]:
     """What the run measured, as one JSON-able dict."""
     lost = ledger.outcomes["reauth_refresh_answer_lost"]
+    reused = stats.get("refresh_tokens_reused")
+    failures = list(ledger.failures)
+    if reused is not None and reused > lost:
+        failures.append(f"{reused} refresh tokens reused, only {lost} answers provably lost")
     return {
-        "kills": ledger.kills, "modes": dict(ledger.modes), "kills_mid_vault_write": ledger.kills_mid_write,
+        "kills": ledger.kills, "modes": dict(ledger.modes), "missed_moments": dict(ledger.missed),
+        "kills_mid_vault_write": ledger.kills_mid_write,
         "outcomes": dict(ledger.outcomes), "reconnects": ledger.reconnects,
-        "refreshes_sent": stats["refresh_attempts"], "refresh_tokens_reused": stats["refresh_tokens_reused"],
-        "reuse_explained_by_lost_answers": stats["refresh_tokens_reused"] <= lost,
+        "refreshes_sent": stats.get("refresh_attempts"), "refresh_tokens_reused": reused,
+        "reuse_explained_by_lost_answers": reused is not None and reused <= lost,
         "distinct_refresh_tokens_seen_in_vault": len(ledger.seen), "final_state": final,
-        "vault_always_decrypted": True, "failures": ledger.failures, "seconds": round(seconds, 1), "seed": seed,
+        "vaults_judged": ledger.judged,
+        "vault_always_decrypted": ledger.judged > 0 and ledger.decrypted == ledger.judged,
+        "failures": failures, "seconds": round(seconds, 1), "seed": seed,
     }
 
 
@@ -216,13 +235,8 @@ def main() -> int:
     args = p.parse_args()
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
     with tempfile.TemporaryDirectory(prefix="amo-crashloop-") as tmp:
-        try:
-            result = asyncio.run(run(args.kills, seed, args.access_ttl, Path(tmp),
-                                     args.max_seconds or 5.0 * args.kills + 60))
-        except Failure as failure:
-            result = {"failures": [str(failure)], "seed": seed}
-    if not result.get("reuse_explained_by_lost_answers", False) and not result["failures"]:
-        result["failures"] = ["refresh tokens were reused beyond the answers provably lost"]
+        result = asyncio.run(run(args.kills, seed, args.access_ttl, Path(tmp),
+                                 args.max_seconds or 5.0 * args.kills + 60))
     return report(result, args.report)
 
 

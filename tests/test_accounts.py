@@ -59,7 +59,7 @@ async def test_two_accounts_connect_through_their_own_hosts_and_are_kept_apart(m
     assert by_id["account_id"] == str(ACME_ID)
     resp = await rig.client.get(rig.url("/token"), headers=rig.admin)
     assert (resp.status, (await resp.json())["error"]) == (400, "account_required")
-    resp = await rig.client.get(rig.url("/test?account=demo"))
+    resp = await rig.client.get(rig.url("/test?account=demo"), headers=rig.admin)
     assert (await resp.json())["subdomain"] == "demo"
 
 

@@ -28,7 +28,10 @@ def assert_no_token_lost(figures: dict[str, Any], kills: int) -> None:
     """The crash loop's invariants, as the script measured them."""
     assert figures["failures"] == []
     assert figures["kills"] == kills
+    assert sum(figures["modes"].values()) + sum(figures["missed_moments"].values()) == kills
     assert sum(figures["outcomes"].values()) == kills
+    assert figures["vault_always_decrypted"] is True
+    assert figures["vaults_judged"] == kills + 1  # after every kill, and once more after the final stop
     assert set(figures["outcomes"]) <= {"connected", "reauth_refresh_answer_lost"}
     assert figures["final_state"] == "connected"
     # a spent token is presented again only to learn that its answer was lost, once per such loss
@@ -43,4 +46,7 @@ def test_twenty_sigkills_leave_a_decryptable_vault_and_a_connected_gateway(tmp_p
     assert_no_token_lost(figures, 20)
     assert figures["refreshes_sent"] >= 10  # refreshes really were constant while it was being killed
     assert figures["outcomes"].get("reauth_refresh_answer_lost", 0) > 0  # seed 3 drops answers, then kills
+    # the chosen kinds of moment were really reached, not just waited for
+    for mode in ("vault_write", "mid_refresh", "lost_answer"):
+        assert figures["modes"].get(mode, 0) > 0, (mode, figures["modes"], figures["missed_moments"])
 
