@@ -25,10 +25,15 @@ _HTTP_CODES = {
 }
 
 
+GATEWAY_ERROR = "X-Amo-Gateway-Error"  # on every answer the gateway itself refuses with; never on amoCRM's
+
+
 def error_response(status: int, code: str, detail: str, *, retry_after: int | None = None,
                    **extra: Any) -> web.Response:
-    """The one shape of every refusal."""
-    headers = {"Retry-After": str(retry_after)} if retry_after else None
+    """The one shape of every refusal; the header lets a client tell the gateway's 401/429 from amoCRM's."""
+    headers = {GATEWAY_ERROR: code}
+    if retry_after:
+        headers["Retry-After"] = str(retry_after)
     body = {"error": code, "detail": detail, **extra}
     return web.json_response(body, status=status, headers=headers)
 

@@ -257,3 +257,16 @@ def test_proxy_paths_setting_takes_only_plain_prefixes() -> None:
     for bad in ("/api/v4", "api/v4/", "/", "/api/../oauth2/", "/api/%764/", "/api//v4/", "/api\\v4/"):
         with pytest.raises(ConfigError, match="AMO_PROXY_PATHS"):
             load_settings(None, environ={"AMO_PROXY_PATHS": bad})
+
+
+async def test_only_the_gateways_own_refusals_carry_x_amo_gateway_error(make_rig: RigFactory) -> None:
+    """A client can tell who spoke: the gateway's 401 says so in a header, amoCRM's 401 passed back does not."""
+    rig = await _connected(make_rig)
+    ours = await rig.client.get(rig.url("/proxy/api/v4/leads"))
+    assert ours.status == 401
+    assert ours.headers["X-Amo-Gateway-Error"] == (await ours.json())["error"] == "unauthorized"
+    rig.sandbox.unauthorized_paths = {DENIED}
+    theirs = await rig.client.get(rig.url(f"/proxy{DENIED}"), headers=CONSUMER)
+    assert theirs.status == 401
+    assert "X-Amo-Gateway-Error" not in theirs.headers
+    assert await theirs.read() != await ours.read()  # amoCRM's own body, passed back as it came
