@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
+import os
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.test_utils import TestServer
+from cryptography.fernet import Fernet
 
+from amo_gateway.accounts import base_url_for_referer
+from amo_gateway.audit import audit_path
+from amo_gateway.errors import ConfigError, RefererRefused
 from amo_gateway.sandbox import SandboxAccount
-from amo_gateway.typedefs import REFRESHER
+from amo_gateway.settings import Settings, load_settings
+from amo_gateway.typedefs import AUDIT, REFRESHER
 from tests.conftest import ACCOUNT_ID, API_KEY, LOGIN, FakeClock, Rig, RigFactory
 
 ACME_ID = 555000
@@ -128,3 +140,204 @@ async def test_account_move_to_a_host_off_the_allow_list_sends_nothing_and_keeps
     assert data.accounts[str(ACME_ID)].base_url == old_host
     assert "account.move_refused" in caplog.text
     assert asked == ([] if answered_domain is None else ["GET /oauth2/account/current/subdomain"])
+
+
+# --- Bad input that used to reach a 500 or a traceback -------------------------------------------------------
+
+
+async def _issued_state(rig: Rig) -> str:
+    resp = await rig.client.get(rig.url("/authorize"), headers=rig.admin, allow_redirects=False)
+    return resp.headers["Location"].split("state=")[1].split("&")[0]
+
+
+async def _audit_events(rig: Rig) -> list[dict[str, Any]]:
+    await rig.app[AUDIT].flush()
+    path = audit_path(rig.settings.vault_path)
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.mark.parametrize("referer", ["[", "ex\uff0fample", "[x.y", "acme.amocrm.ru]"])
+async def test_unparsable_referer_with_a_valid_state_is_refused_and_audited(rig: Rig, referer: str) -> None:
+    """`referer=[` or a fullwidth solidus: 400 referer_refused (was a 500), audited, the state still usable."""
+    state = await _issued_state(rig)
+    resp = await rig.client.get(rig.url("/callback"), params={"code": "c0de", "state": state, "referer": referer})
+    assert (resp.status, (await resp.json())["error"]) == (400, "referer_refused")
+    refused = [e for e in await _audit_events(rig) if e["event"] == "callback.refused"]
+    assert [e["reason"] for e in refused] == ["referer_refused"]
+    assert rig.sandbox.hits["token"] == 0
+    data, _ = rig.vault().read()
+    assert len(data.states) == 1, "a refused referer does not use up the state"
+
+
+async def test_exchange_for_an_unparsable_account_host_is_a_4xx(rig: Rig) -> None:
+    """`exchange-api-key?account=%5Bx.y` is refused before amoCRM is called (was a 500)."""
+    resp = await rig.client.post(rig.url("/exchange-api-key?account=%5Bx.y"),
+                                 json={"login": LOGIN, "api_key": API_KEY}, headers=rig.admin)
+    assert (resp.status, (await resp.json())["error"]) == (400, "account_not_allowed")
+    assert rig.sandbox.hits["exchange"] == 0
+
+
+async def test_callback_with_access_denied_says_the_user_declined(rig: Rig) -> None:
+    """The user pressed deny: 400 consent_denied saying so (was reported as a missing code), audited."""
+    state = await _issued_state(rig)
+    resp = await rig.client.get(rig.url("/callback"), params={"error": "access_denied", "state": state})
+    body = await resp.json()
+    assert (resp.status, body["error"]) == (400, "consent_denied")
+    assert "declined" in body["detail"]
+    assert [e["reason"] for e in await _audit_events(rig) if e["event"] == "callback.refused"] == ["consent_denied"]
+    resp = await rig.client.get(rig.url("/callback"), params={"error": "<script>", "state": state})
+    body = await resp.json()
+    assert (resp.status, body["error"]) == (400, "authorization_failed")
+    assert "<script>" not in body["detail"]
+
+
+@pytest.mark.parametrize("host", ["\u0430cme.amocrm.ru", "ac_me.amocrm.ru", "-acme.amocrm.ru", "xn--acme-.amocrm.ru"])
+def test_account_hosts_are_ascii_dns_labels(host: str) -> None:
+    """A look-alike (a Cyrillic a) or malformed subdomain never becomes an account host, even with any_account."""
+    with pytest.raises(RefererRefused):
+        base_url_for_referer(host, Settings(any_account=True))
+
+
+def test_referer_naming_amo_domain_is_accepted_when_base_url_points_at_a_stand_in() -> None:
+    """AMO_BASE_URL reaches a stand-in; amoCRM still sends `referer=demo.amocrm.ru` (AMO_DOMAIN): accepted."""
+    settings = Settings(domain="demo.amocrm.ru", base_url="http://127.0.0.1:8099")
+    assert base_url_for_referer("demo.amocrm.ru", settings) == "http://127.0.0.1:8099"
+    assert base_url_for_referer("127.0.0.1:8099", settings) == "http://127.0.0.1:8099"
+    with pytest.raises(RefererRefused):
+        base_url_for_referer("other.amocrm.ru", settings)
+
+
+async def test_callback_with_amo_domain_referer_reaches_the_stand_in(make_rig: RigFactory) -> None:
+    """End to end: AMO_BASE_URL = the sandbox, AMO_DOMAIN = demo.amocrm.ru, amoCRM's referer: connected."""
+    rig = await make_rig(domain="demo.amocrm.ru")
+    state = await _issued_state(rig)
+    code = rig.sandbox.issue_code(ACCOUNT_ID)
+    resp = await rig.client.get(rig.url("/callback"),
+                                params={"code": code, "state": state, "referer": "demo.amocrm.ru"})
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["account_id"] == str(ACCOUNT_ID)
+
+
+# --- Start-up and CLI: one line naming the cause, never a traceback ------------------------------------------
+
+
+def _cli(*args: str, env: dict[str, str] | None = None, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("AMO_") and k != "CREDENTIALS_DIRECTORY"}
+    return subprocess.run([sys.executable, "-m", "amo_gateway", *args], capture_output=True, text=True,
+                          env={**base, **(env or {})}, input=stdin, timeout=60, check=False)
+
+
+def _cli_env(tmp_path: Path) -> dict[str, str]:
+    key_file = tmp_path / "vault-key"
+    key_file.write_text(Fernet.generate_key().decode() + "\n")
+    return {"AMO_VAULT_KEY_FILE": str(key_file), "AMO_VAULT_PATH": str(tmp_path / "state" / "vault.enc")}
+
+
+def _one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("amo-gateway: error:")]
+    assert len(errors) == 1, result.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def test_start_up_with_the_port_in_use_names_host_port_and_setting(tmp_path: Path) -> None:
+    """Port taken: one line naming 127.0.0.1:<port> and AMO_GATEWAY_PORT, no traceback."""
+    env = _cli_env(tmp_path) | {"AMO_DOMAIN": "acme.amocrm.ru", "AMO_CLIENT_ID": "x", "AMO_CLIENT_SECRET": "y",
+                                "AMO_REDIRECT_URI": "https://gw.example.com/cb", "AMO_ADMIN_TOKEN": "t"}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _cli("serve", env=env | {"AMO_GATEWAY_PORT": str(port)})
+    _one_line_error(result, f"127.0.0.1:{port}", "AMO_GATEWAY_PORT")
+
+
+def test_unreadable_credential_file_is_one_line_naming_it(tmp_path: Path) -> None:
+    """A credential that cannot be read as text: one line naming the file, no traceback."""
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "client-secret").write_bytes(b"\xff\xfe\x00secret")
+    result = _cli("status", env=_cli_env(tmp_path) | {"CREDENTIALS_DIRECTORY": str(creds)})
+    _one_line_error(result, str(creds / "client-secret"))
+    assert "secret" not in result.stderr.replace("client-secret", "")
+
+
+def test_unreadable_vault_key_credential_is_one_line_naming_it(tmp_path: Path) -> None:
+    """The vault-key credential is read elsewhere (vault.py), with the same rule."""
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "vault-key").write_bytes(b"\xff\xfe")
+    env = {"AMO_VAULT_PATH": str(tmp_path / "state" / "vault.enc"), "CREDENTIALS_DIRECTORY": str(creds)}
+    _one_line_error(_cli("status", env=env), str(creds / "vault-key"))
+
+
+def test_import_token_with_a_missing_file_is_one_line(tmp_path: Path) -> None:
+    """import-token of a file that is not there: one line naming it, no traceback."""
+    missing = tmp_path / "no-such-token"
+    _one_line_error(_cli("import-token", str(missing), "--host", "acme.amocrm.ru", env=_cli_env(tmp_path)),
+                    str(missing))
+
+
+def _jwt(claims: dict[str, Any]) -> str:
+    part = base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip("=")
+    return f"eyJhbGciOiJSUzI1NiJ9.{part}.c2lnbmF0dXJl"
+
+
+def test_import_token_refuses_an_expired_token(tmp_path: Path) -> None:
+    """A long-lived token already past its exp is refused, not stored as 'connected'."""
+    token = _jwt({"account_id": 4242, "exp": int(time.time()) - 60})
+    result = _cli("import-token", "-", "--host", "acme.amocrm.ru", env=_cli_env(tmp_path), stdin=token + "\n")
+    _one_line_error(result, "expired")
+    assert not (tmp_path / "state" / "vault.enc").exists()
+
+
+@pytest.mark.parametrize("host", ["evil.example.com", "127.0.0.1:8099", "acme.amocrm.ru.evil.com", "www.amocrm.ru"])
+def test_import_token_refuses_a_host_outside_the_allow_list(tmp_path: Path, host: str) -> None:
+    """--host must be {sub}.{amoCRM/Kommo base domain}: the token would be sent there with every call."""
+    token = _jwt({"account_id": 4242, "exp": int(time.time()) + 86400})
+    result = _cli("import-token", "-", "--host", host, env=_cli_env(tmp_path), stdin=token + "\n")
+    _one_line_error(result, "not an amoCRM/Kommo account host")
+    assert not (tmp_path / "state" / "vault.enc").exists()
+
+
+# --- Configuration that must be refused ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "home"),
+    [("client_secret", "client-secret"), ("admin_token", "admin-token"), ("vault_key", "AMO_VAULT_KEY_FILE"),
+     ("consumer_tokens", "consumer-tokens")],
+)
+def test_config_file_holding_a_secret_stops_start_up(tmp_path: Path, key: str, home: str) -> None:
+    """A secret in config.yaml: start-up stops naming the key and where it belongs; the value is never echoed."""
+    path = tmp_path / "config.yaml"
+    path.write_text(f"port: 8080\n{key}: do-not-show-this\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, environ={})
+    assert repr(key) in caught.value.detail and home in caught.value.detail
+    assert "do-not-show-this" not in caught.value.detail
+
+
+def test_config_file_with_a_secret_stops_serve_in_one_line(tmp_path: Path) -> None:
+    """The same through the command: exit 2, one line."""
+    path = tmp_path / "config.yaml"
+    path.write_text("client_secret: do-not-show-this\n")
+    result = _cli("serve", "--config", str(path), env=_cli_env(tmp_path))
+    _one_line_error(result, "'client_secret'", "/etc/amo-gateway/client-secret")
+    assert "do-not-show-this" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [("port: 8080\nhost: [127.0.0.1\n", "line 3, column 1"), ("port: 8080\n  host: x\n", "line 2, column 7"),
+     ("a: 1\n\tb: 2\n", "line 2, column 1")],
+)
+def test_yaml_errors_give_line_and_column(tmp_path: Path, text: str, where: str) -> None:
+    """A YAML syntax error names the file, the problem, and its 1-based line and column."""
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, environ={})
+    assert str(path) in caught.value.detail and where in caught.value.detail, caught.value.detail
