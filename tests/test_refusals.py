@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import logging
 import os
@@ -22,11 +23,14 @@ from aiohttp.test_utils import TestServer
 from cryptography.fernet import Fernet
 
 from amo_gateway.accounts import base_url_for_referer
-from amo_gateway.audit import audit_path
-from amo_gateway.errors import ConfigError, RefererRefused
+from amo_gateway.audit import append_lines, audit_path
+from amo_gateway.errors import ConfigError, RefererRefused, VaultError
+from amo_gateway.locks import RefreshLocks
 from amo_gateway.sandbox import SandboxAccount
 from amo_gateway.settings import Settings, load_settings
+from amo_gateway.tokens import Account, TokenPair
 from amo_gateway.typedefs import AUDIT, REFRESHER
+from amo_gateway.vault import KeyRing, Vault
 from tests.conftest import ACCOUNT_ID, API_KEY, LOGIN, FakeClock, Rig, RigFactory
 
 ACME_ID = 555000
@@ -341,3 +345,81 @@ def test_yaml_errors_give_line_and_column(tmp_path: Path, text: str, where: str)
     with pytest.raises(ConfigError) as caught:
         load_settings(path, environ={})
     assert str(path) in caught.value.detail and where in caught.value.detail, caught.value.detail
+
+
+# --- Stale long-lived tokens and planted symlinks ------------------------------------------------------------
+
+
+def _store_long_lived(vault: Vault, expires_at: float) -> None:
+    pair = TokenPair(_jwt({"account_id": 4242, "exp": int(expires_at)}), None, expires_at, expires_at - 86400 * 30)
+    account = Account("4242", "https://acme.amocrm.ru", pair, long_lived=True, subdomain="acme")
+    vault.update(lambda data: data.accounts.__setitem__("4242", account))
+
+
+async def test_expired_long_lived_token_is_not_ready_and_shown_expired(make_rig: RigFactory) -> None:
+    """Past its exp: /readyz 503 with the reason; /accounts says `expired` with expires_in 0, not `connected`."""
+    clock = FakeClock()
+    rig = await make_rig(clock=clock, run_refresher=False)
+    _store_long_lived(rig.vault(), clock.time() + 600)
+    assert (await rig.client.get("/readyz")).status == 200
+    clock.advance(900)
+    ready = await rig.client.get("/readyz")
+    body = await ready.json()
+    assert (ready.status, body["reason"].split(":")[0]) == (503, "long_lived_token_expired")
+    assert body["accounts"]["4242"]["status"] == "expired" and body["accounts"]["4242"]["expires_in"] == 0
+    listed = (await (await rig.client.get(rig.url("/accounts"), headers=rig.admin)).json())["accounts"]
+    assert [(a["state"], a["access_expires_in"]) for a in listed] == [("expired", 0)]
+
+
+def test_status_shows_an_expired_long_lived_token_as_expired(tmp_path: Path) -> None:
+    """`amo-gateway status`: the state column says expired (the token is never refreshed)."""
+    env = _cli_env(tmp_path)
+    vault = Vault(Path(env["AMO_VAULT_PATH"]), KeyRing.parse(Path(env["AMO_VAULT_KEY_FILE"]).read_text()))
+    vault.prepare()
+    _store_long_lived(vault, time.time() - 60)
+    rows = json.loads(_cli("status", "--json", env=env).stdout)
+    assert [(r["state"], r["access_expires_in"]) for r in rows] == [("expired", 0)]
+    table = _cli("status", env=env).stdout
+    assert "expired" in table and "connected" not in table
+
+
+def test_symlinked_vault_path_stops_start_up(tmp_path: Path) -> None:
+    """AMO_VAULT_PATH a symlink: reads would follow it and the first write fork it; start-up refuses it."""
+    env = _cli_env(tmp_path)
+    vault_path = Path(env["AMO_VAULT_PATH"])
+    vault_path.parent.mkdir(mode=0o700)
+    elsewhere = tmp_path / "elsewhere.enc"
+    elsewhere.write_bytes(b"x")
+    vault_path.symlink_to(elsewhere)
+    env |= {"AMO_DOMAIN": "acme.amocrm.ru", "AMO_CLIENT_ID": "x", "AMO_CLIENT_SECRET": "y",
+            "AMO_REDIRECT_URI": "https://gw.example.com/cb", "AMO_ADMIN_TOKEN": "t", "AMO_GATEWAY_PORT": "0"}
+    _one_line_error(_cli("serve", env=env), str(vault_path), "symbolic link")
+    assert vault_path.is_symlink() and elsewhere.read_bytes() == b"x"
+
+
+def test_planted_lock_file_symlinks_are_refused(tmp_path: Path, keys: KeyRing) -> None:
+    """The vault's flock file and the refresh lock file are opened with O_NOFOLLOW: a planted link is refused."""
+    target = tmp_path / "target"
+    target.write_bytes(b"untouched")
+    vault = Vault(tmp_path / "state" / "vault.enc", keys)
+    vault.path.parent.mkdir(mode=0o700)
+    vault.lock_path.symlink_to(target)
+    with pytest.raises(VaultError, match="symbolic link"):
+        vault.prepare()
+    refresh_lock = tmp_path / "state" / "vault.enc.refresh.lock"
+    refresh_lock.symlink_to(target)
+    with pytest.raises(VaultError, match="symbolic link"):
+        RefreshLocks(refresh_lock)
+    assert target.read_bytes() == b"untouched"
+
+
+def test_planted_audit_symlink_is_never_written_through(tmp_path: Path) -> None:
+    """audit.log is opened with O_NOFOLLOW: a link planted in the state directory is not followed."""
+    target = tmp_path / "target"
+    target.write_bytes(b"untouched")
+    link = tmp_path / "audit.log"
+    link.symlink_to(target)
+    with pytest.raises(OSError) as caught:
+        append_lines(link, ['{"event": "x"}'])
+    assert caught.value.errno == errno.ELOOP
+    assert target.read_bytes() == b"untouched"
