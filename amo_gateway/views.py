@@ -122,7 +122,8 @@ async def disconnect(request: web.Request) -> web.Response:
     signature = query_param(request, "signature", required=True)
     assert account_id is not None and client_uuid is not None and signature is not None
     with request.app[AUDIT].outcome("disconnect.accepted", "disconnect.refused", account=account_id) as audit:
-        removed = await request.app[FLOWS].disconnect(account_id, client_uuid, signature)
+        removed = await request.app[FLOWS].disconnect(account_id, client_uuid, signature,
+                                                       pace=lambda acc: _rate_slot(request.app, acc))
         audit.update(had_tokens=removed)
     request.app[TEST_CACHE].clear()
     request.app[REFRESHER].wake()

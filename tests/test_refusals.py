@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import errno
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -25,9 +27,11 @@ from cryptography.fernet import Fernet
 from amo_gateway.accounts import base_url_for_referer
 from amo_gateway.audit import append_lines, audit_path
 from amo_gateway.errors import ConfigError, RefererRefused, VaultError
+from amo_gateway.flows import Flows
 from amo_gateway.locks import RefreshLocks
 from amo_gateway.sandbox import SandboxAccount
 from amo_gateway.settings import Settings, load_settings
+from amo_gateway.store import Store
 from amo_gateway.tokens import Account, TokenPair
 from amo_gateway.typedefs import AUDIT, REFRESHER
 from amo_gateway.vault import KeyRing, Vault
@@ -423,3 +427,64 @@ def test_planted_audit_symlink_is_never_written_through(tmp_path: Path) -> None:
         append_lines(link, ['{"event": "x"}'])
     assert caught.value.errno == errno.ELOOP
     assert target.read_bytes() == b"untouched"
+
+
+# --- Considered: replayed disconnects, states tied to their account ------------------------------------------
+
+
+def _disconnect_params(rig: Rig, account_id: int) -> dict[str, str]:
+    client_id, secret = str(rig.settings.client_id), rig.settings.secret("client_secret") or ""
+    sig = hmac.new(secret.encode(), f"{client_id}|{account_id}".encode(), hashlib.sha256).hexdigest()
+    return {"account_id": str(account_id), "client_uuid": client_id, "signature": sig}
+
+
+async def test_replayed_disconnect_keeps_an_account_whose_token_still_works(make_rig: RigFactory) -> None:
+    """A captured, correctly signed hook URL: amoCRM still accepts the token, so 409, kept, audited; real one: 200."""
+    rig = await make_rig(run_refresher=False)
+    await rig.connect()
+    params = _disconnect_params(rig, ACCOUNT_ID)
+    for _ in range(2):
+        resp = await rig.client.get(rig.url("/disconnect"), params=params)
+        assert (resp.status, (await resp.json())["error"]) == (409, "token_still_valid")
+    data, _ = rig.vault().read()
+    assert str(ACCOUNT_ID) in data.accounts
+    refused = [e for e in await _audit_events(rig) if e["event"] == "disconnect.refused"]
+    assert [e["reason"] for e in refused] == ["token_still_valid"] * 2
+    assert (await rig.client.get(rig.url("/test"))).status == 200
+    rig.sandbox.revoke(ACCOUNT_ID)  # the user really removed the integration
+    resp = await rig.client.get(rig.url("/disconnect"), params=params)
+    assert (resp.status, (await resp.json())["had_tokens"]) == (200, True)
+    data, _ = rig.vault().read()
+    assert str(ACCOUNT_ID) not in data.accounts
+
+
+class _RecordingClient:
+    """Stands in for AmoClient in Flows: records the state sent with an exchange, and any token request."""
+
+    def __init__(self) -> None:
+        self.states: list[str] = []
+        self.token_calls: list[str] = []
+
+    async def exchange_api_key(self, base_url: str, *, login: str, api_key: str, state: str) -> None:
+        self.states.append(state)
+
+    async def token_from_code(self, base_url: str, code: str, *, time_limit: float | None = None) -> dict[str, Any]:
+        self.token_calls.append(base_url)
+        return {"access_token": _jwt({"account_id": ACME_ID}), "refresh_token": "r", "expires_in": 3600}
+
+
+async def test_state_issued_for_one_account_cannot_connect_another(tmp_path: Path, keys: KeyRing) -> None:
+    """Multi-account: an exchange's state names its account host; a callback with another referer is refused."""
+    settings = Settings(any_account=True, client_id="c", client_secret="s", redirect_uri="https://gw/cb",
+                        vault_path=tmp_path / "v" / "vault.enc")
+    vault = Vault(settings.vault_path, keys)
+    vault.prepare()
+    client = _RecordingClient()
+    flows = Flows(settings, Store(vault), client, FakeClock())  # type: ignore[arg-type]
+    await flows.exchange_api_key(LOGIN, API_KEY, None, "acme.amocrm.ru")
+    state = client.states[0]
+    with pytest.raises(RefererRefused, match="issued for"):
+        await flows.callback("code", state, "other.amocrm.ru", from_exchange=True, from_widget=False)
+    assert client.token_calls == []
+    connected = await flows.callback("code", state, "acme.amocrm.ru", from_exchange=True, from_widget=False)
+    assert (connected.account_id, client.token_calls) == (str(ACME_ID), ["https://acme.amocrm.ru"])
