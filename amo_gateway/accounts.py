@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
 from amo_gateway.errors import BadRequest, NotConnected, NotFound, RefererRefused
 from amo_gateway.settings import Settings
-from amo_gateway.tokens import Account, VaultData
+from amo_gateway.tokens import CONNECTED, Account, VaultData
 
 DEFAULT_ACCOUNT = "default"
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")  # one DNS label, ASCII only (amoCRM subdomains)
 
 
 def host_of(value: str) -> str:
-    """`sub.amocrm.ru`, `https://sub.amocrm.ru/x` or `127.0.0.1:8099` -> the lower-case host[:port]."""
+    """`sub.amocrm.ru`, `https://sub.amocrm.ru/x` or `127.0.0.1:8099` -> the lower-case host[:port].
+
+    '' when the value names no host at all (`[`, `ex\uff0fample`): callers treat that as not allowed.
+    """
     text = value.strip()
-    netloc = urlsplit(text if "//" in text else f"//{text}").netloc
+    try:
+        netloc = urlsplit(text if "//" in text else f"//{text}").netloc
+    except ValueError:  # urlsplit refuses `[` and hosts that NFKC-normalise into separators, e.g. a fullwidth /
+        return ""
     return netloc.lower().rstrip(".")
 
 
@@ -24,9 +33,20 @@ def account_url(template: str, host: str) -> str:
     return template.format(host=host_of(host)).rstrip("/")
 
 
-def configured_host(settings: Settings) -> str | None:
-    base = settings.account_base_url
-    return host_of(base) if base else None
+def configured_hosts(settings: Settings) -> set[str]:
+    """The configured account's host names: AMO_DOMAIN, and the host of AMO_BASE_URL that reaches it."""
+    values = (settings.domain, settings.account_base_url)
+    return {host for value in values if value and (host := host_of(value))}
+
+
+def amo_subdomain(host: str, base_domains: Iterable[str]) -> str | None:
+    """The subdomain when `host` is exactly `{sub}.{allowed base domain}` (no port, no `www`), else None."""
+    for base in base_domains:
+        suffix = "." + base.lower()
+        sub = host[: -len(suffix)] if host.endswith(suffix) else ""
+        if _LABEL.fullmatch(sub) and sub != "www":
+            return sub
+    return None
 
 
 def multi_account(settings: Settings) -> bool:
@@ -38,7 +58,8 @@ def base_url_for_referer(referer: str, settings: Settings) -> str:
     """The account base URL a callback's `referer` names, or RefererRefused before any token call."""
     host = host_of(referer)
     configured = settings.account_base_url
-    if configured and host == configured_host(settings):
+    # AMO_DOMAIN is the account's name even when AMO_BASE_URL reaches it elsewhere (a stand-in, a mirror).
+    if configured and host and host in configured_hosts(settings):
         return configured
     if multi_account(settings) and _allowed_account_host(host, settings):
         return account_url(settings.account_url_template, host)
@@ -47,14 +68,18 @@ def base_url_for_referer(referer: str, settings: Settings) -> str:
 
 def _allowed_account_host(host: str, settings: Settings) -> bool:
     """An amoCRM/Kommo account host `{sub}.{base domain}` from the allow-list, and an allowed account."""
-    if ":" in host or not all(part for part in host.split(".")):
+    sub = amo_subdomain(host, settings.allowed_base_domains)
+    if sub is None:
         return False
-    for base in settings.allowed_base_domains:
-        suffix = "." + base.lower()
-        sub = host[: -len(suffix)] if host.endswith(suffix) else ""
-        if sub and "." not in sub and sub != "www":
-            return settings.any_account or sub in settings.allowed_accounts or host in settings.allowed_accounts
-    return False
+    return settings.any_account or sub in settings.allowed_accounts or host in settings.allowed_accounts
+
+
+def display_state(account: Account, now: float) -> str:
+    """`connected`, `reauth_required`, or `expired` for a long-lived token past its expiry (never refreshed)."""
+    pair = account.tokens
+    if account.status == CONNECTED and account.long_lived and pair is not None and pair.expires_at <= now:
+        return "expired"
+    return account.status
 
 
 def account_summary(account: Account, now: float) -> dict[str, Any]:
@@ -64,11 +89,11 @@ def account_summary(account: Account, now: float) -> dict[str, Any]:
         "account_id": account.account_id,
         "host": account.base_url,
         "subdomain": account.subdomain,
-        "state": account.status,
+        "state": display_state(account, now),
         "reason": account.reason,
         "long_lived": account.long_lived,
         "access_expires_at": int(pair.expires_at) if pair else None,
-        "access_expires_in": int(pair.expires_at - now) if pair else None,
+        "access_expires_in": max(int(pair.expires_at - now), 0) if pair else None,
         "refresh_token_age_days": round((now - account.refresh_obtained_at) / 86400, 2)
         if account.refresh_obtained_at and not account.long_lived else None,
         "refresh_in_flight": account.in_flight is not None,

@@ -139,7 +139,8 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     store = app[STORE]
     locks = RefreshLocks(store.vault.path.with_name(store.vault.path.name + ".refresh.lock"))
     app[MANAGER] = TokenManager(store, client, locks, app[CLOCK], margin=settings.refresh_margin,
-                                url_template=settings.account_url_template)
+                                url_template=settings.account_url_template,
+                                base_domains=settings.allowed_base_domains)
     app[FLOWS] = Flows(settings, store, client, app[CLOCK])
     app[REFRESHER] = Refresher(app[MANAGER], app[CLOCK], margin=settings.refresh_margin)
     yield

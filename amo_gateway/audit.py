@@ -50,7 +50,7 @@ def audit_line(key: bytes, name: str, secrets: dict[str, str | None] | None, fie
 def append_lines(path: Path, lines: Iterable[str]) -> None:
     """Blocking: append and fsync; the file is created 0600 and only ever opened for appending."""
     text = "".join(line + "\n" for line in lines)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)  # never a planted symlink
     try:
         os.write(fd, text.encode())
         os.fsync(fd)

@@ -14,7 +14,7 @@ from typing import Any
 from cryptography.fernet import Fernet
 
 from amo_gateway import logs
-from amo_gateway.accounts import account_summary, account_url, host_of
+from amo_gateway.accounts import account_summary, account_url, amo_subdomain, configured_hosts, host_of
 from amo_gateway.errors import ConfigError, GatewayError
 from amo_gateway.settings import Settings, load_settings
 from amo_gateway.tokens import Account, TokenPair, decode_claims
@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     rotate = sub.add_parser("rotate-key", parents=[common], help="re-encrypt the vault under a new primary key")
     rotate.add_argument("--key-file", type=Path, help="the key file to rewrite (default: AMO_VAULT_KEY_FILE)")
     rotate.set_defaults(func=_rotate_key)
+    sub.add_parser("reencrypt", parents=[common],
+                   help="re-encrypt the vault under the first key of the configured key ring "
+                        "(amo-gateway-ctl rotate-key runs it as the service user)").set_defaults(func=_reencrypt)
     url = sub.add_parser("authorize-url", parents=[common], help="print a consent-page URL with a fresh state")
     url.add_argument("--label", help="a note kept beside the state")
     url.set_defaults(func=_authorize_url)
@@ -106,6 +109,7 @@ def _rotate_key(args: argparse.Namespace) -> int:
     if key_file is None:
         raise ConfigError("rotate-key needs the key file to rewrite: --key-file PATH or AMO_VAULT_KEY_FILE")
     vault = Vault(settings.vault_path, KeyRing.parse(key_file.read_text(encoding="utf-8")))
+    vault.prepare()  # refuses a symlinked vault or lock file before anything is read or written
     vault.read()  # proves the old keys work before anything is written
     new_keys = vault.keys.rotated()
     write_key_file(key_file, new_keys)  # lists the old keys too: a crash before the next line loses nothing
@@ -115,6 +119,19 @@ def _rotate_key(args: argparse.Namespace) -> int:
     record_now(settings.vault_path, new_keys, "key.rotated", key_count=len(new_keys.keys))
     print(f"vault re-encrypted under a new primary key; {key_file} now lists {len(new_keys.keys)} keys "
           "(restart the service so it loads them)")
+    return 0
+
+
+def _reencrypt(args: argparse.Namespace) -> int:
+    """The service user's half of a key rotation: root already put a new key first in the key file."""
+    settings = _settings(args)
+    vault = _vault(settings)
+    vault.read()  # proves the ring still decrypts the vault before it is rewritten
+    vault.reencrypt(vault.keys)
+    from amo_gateway.audit import record_now
+
+    record_now(settings.vault_path, vault.keys, "key.rotated", key_count=len(vault.keys.keys))
+    print(f"vault re-encrypted under the first of {len(vault.keys.keys)} keys")
     return 0
 
 
@@ -160,16 +177,16 @@ def _status(args: argparse.Namespace) -> int:
 def _import_token(args: argparse.Namespace) -> int:
     """Store a long-lived token (private integrations): never refreshed, its expiry watched like any other."""
     settings = _settings(args)
-    stdin = args.token_file == "-"  # noqa: S105 - "-" means standard input, not a password
-    token = sys.stdin.readline().strip() if stdin else Path(args.token_file).read_text().strip()
+    token = _read_token(args.token_file)
     claims = decode_claims(token)
     account_id = str(args.account_id or claims.get("account_id") or settings.account_id or "")
-    if not account_id or not claims.get("exp"):
+    if not account_id or not isinstance(claims.get("exp"), int | float):
         raise ConfigError("the token is not a JWT with account_id and exp claims; pass --account-id and check it")
-    base_url = account_url(settings.account_url_template, args.host) if args.host else settings.account_base_url
-    if not base_url:
-        raise ConfigError("say which account host the token belongs to: --host sub.amocrm.ru or AMO_DOMAIN")
     now = time.time()
+    if claims["exp"] <= now:
+        raise ConfigError(f"the token expired at {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(claims['exp']))}: "
+                          "create a new long-lived token in amoCRM and import that")
+    base_url = _import_base_url(args.host, settings)
     pair = TokenPair(token, None, float(claims["exp"]), now)
     account = Account(account_id, base_url, pair, long_lived=True, api_domain=claims.get("api_domain"),
                       subdomain=host_of(base_url).split(".", 1)[0], connected_at=now)
@@ -177,3 +194,30 @@ def _import_token(args: argparse.Namespace) -> int:
     print(f"stored a long-lived token for account {account_id} at {base_url}, expiring "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(pair.expires_at))}")
     return 0
+
+
+def _read_token(source: str) -> str:
+    """The token from a file or standard input; a file that cannot be read is one line naming it."""
+    if source == "-":
+        return sys.stdin.readline().strip()
+    try:
+        return Path(source).read_text(encoding="utf-8").strip()
+    except OSError as err:
+        raise ConfigError(f"cannot read token file {source}: {err.strerror or type(err).__name__}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"cannot read token file {source}: not UTF-8 text") from None
+
+
+def _import_base_url(host: str | None, settings: Settings) -> str:
+    """The account's URL: --host must be the configured account or an amoCRM/Kommo account host."""
+    if host is None:
+        if not settings.account_base_url:
+            raise ConfigError("say which account host the token belongs to: --host sub.amocrm.ru or AMO_DOMAIN")
+        return settings.account_base_url
+    name = host_of(host)
+    if name and name in configured_hosts(settings):
+        return settings.account_base_url or account_url(settings.account_url_template, name)
+    if amo_subdomain(name, settings.allowed_base_domains) is None:
+        raise ConfigError(f"--host {host[:100]!r} is not an amoCRM/Kommo account host ({{sub}}.one of "
+                          f"{', '.join(settings.allowed_base_domains)}; AMO_ALLOWED_BASE_DOMAINS)")
+    return account_url(settings.account_url_template, name)

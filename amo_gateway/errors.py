@@ -10,6 +10,8 @@
     │   ├── NotFound
     │   ├── InvalidState          callback state unknown, expired or spent
     │   ├── RefererRefused        callback referer is not an allowed account host
+    │   ├── ConsentDenied         the callback carries amoCRM's `error` (the user pressed deny) instead of a code
+    │   ├── StillConnected        a signed disconnect, but amoCRM still accepts the account's token (409)
     │   ├── ExchangeTooSoon       the 5-minute per-login slot is still in use (429)
     │   ├── QueueFull             the proxy's rate-limit queue is full (429)
     │   └── IdempotencyConflict   an Idempotency-Key still in flight, reused, or with an unknown outcome (409)
@@ -88,6 +90,15 @@ class InvalidState(RequestRejected):
 
 class RefererRefused(RequestRejected):
     code = "referer_refused"
+
+
+class ConsentDenied(RequestRejected):
+    code = "consent_denied"
+
+
+class StillConnected(RequestRejected):
+    code = "token_still_valid"
+    status = 409
 
 
 class ExchangeTooSoon(RequestRejected):

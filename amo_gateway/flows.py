@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
@@ -19,13 +20,16 @@ from amo_gateway.errors import (
     InvalidState,
     NotFound,
     RefererRefused,
+    StillConnected,
     UpstreamError,
     UpstreamRateLimited,
+    UpstreamUnauthorized,
 )
 from amo_gateway.logs import event
 from amo_gateway.settings import Settings
 from amo_gateway.store import Store
 from amo_gateway.tokens import (
+    CONNECTED,
     Account,
     PendingState,
     TokenPair,
@@ -38,6 +42,7 @@ from amo_gateway.vault import Unchanged
 
 log = logging.getLogger("amo_gateway.flows")
 CALLBACK_TOKEN_TIMEOUT = 2.5  # amoCRM waits 3 s for the callback and never resends it
+Pacer = Callable[[str], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -107,17 +112,41 @@ class Flows:
               refresh_fp=fingerprint(pair.refresh_token))
         return Connected(account.account_id, exchange, label, pair.expires_at)
 
-    async def disconnect(self, account_id: str, client_uuid: str, signature: str) -> bool:
-        """Verify amoCRM's HMAC signature in constant time, then forget the account's tokens."""
+    async def disconnect(self, account_id: str, client_uuid: str, signature: str, *,
+                         pace: Pacer | None = None) -> bool:
+        """Verify amoCRM's HMAC signature in constant time, confirm the token is dead, then forget the account.
+
+        The signature never changes for an account, so a captured hook URL replays forever: the account is
+        forgotten only once amoCRM refuses its access token. `pace` takes the account's rate-limit slot first,
+        so replays cannot push amoCRM past its 7 requests a second.
+        """
         secret = self.settings.secret("client_secret") or ""
         expected = hmac.new(secret.encode(), f"{client_uuid}|{account_id}".encode(), hashlib.sha256).hexdigest()
         same_client = hmac.compare_digest(client_uuid.encode(), (self.settings.client_id or "").encode())
         if not (secret and same_client and hmac.compare_digest(expected.encode(), signature.lower().encode())):
             event(log, "disconnect.refused", level=logging.WARNING, account=account_id)
             raise Forbidden("the disconnect signature does not verify", code="invalid_signature")
+        account = await self.store.account(account_id)
+        if account is not None and account.tokens is not None and account.status == CONNECTED:
+            await self._confirm_token_dead(account, account.tokens.access_token, pace)
         removed = await self.store.update(lambda data: _forget(data, account_id))
         event(log, "disconnect.accepted", account=account_id, had_tokens=removed)
         return removed
+
+    async def _confirm_token_dead(self, account: Account, access_token: str, pace: Pacer | None) -> None:
+        """Return when amoCRM answers 401 to the account's token; otherwise the disconnect is refused."""
+        if pace is not None:
+            await pace(account.account_id)
+        try:
+            await self.client.account(account.base_url, access_token)
+        except UpstreamUnauthorized:
+            return
+        except UpstreamError as err:
+            event(log, "disconnect.unconfirmed", level=logging.WARNING, account=account.account_id, error=err.code)
+            raise
+        event(log, "disconnect.replayed", level=logging.WARNING, account=account.account_id)
+        raise StillConnected("amoCRM still accepts this account's token, so the integration was not removed "
+                             "(a replayed disconnect hook?); the account was kept")
 
     async def _target_base_url(self, account: str | None) -> str:
         """The connected account named by ?account=, a new allowed account host, or the configured host."""
@@ -155,8 +184,13 @@ class Flows:
             raise InvalidState("the state is unknown, expired or already used")
 
     def _callback_base_url(self, referer: str | None, pending: PendingState | None) -> str:
+        """The host to redeem the code at: the referer's, which must be the one the state was issued for."""
         if referer:
-            return base_url_for_referer(referer, self.settings)
+            base_url = base_url_for_referer(referer, self.settings)
+            if pending is not None and pending.base_url and pending.base_url != base_url:
+                # An exchange's state names its account: a state leaked for one account cannot connect another.
+                raise RefererRefused("the callback's referer is not the account its state was issued for")
+            return base_url
         if pending is not None and pending.base_url:
             return pending.base_url
         self.settings.require("base_url")

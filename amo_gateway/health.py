@@ -6,6 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
+from amo_gateway.accounts import display_state
 from amo_gateway.errors import GatewayError
 from amo_gateway.metrics import CONTENT_TYPE
 from amo_gateway.tokens import CONNECTED, VaultData
@@ -53,10 +54,10 @@ def _accounts(data: VaultData, now: float) -> dict[str, dict[str, Any]]:
             reason: str | None = "not_connected"
         elif account.status != CONNECTED:
             reason = f"reauth_required: {account.reason}"
-        elif tokens.expired(now, leeway=0) and not account.long_lived:
-            reason = "access_token_expired"
+        elif tokens.expired(now, leeway=0):  # a long-lived token is never refreshed: expired is final
+            reason = "long_lived_token_expired: import a new token" if account.long_lived else "access_token_expired"
         else:
             reason = None
-        expires_in = int(tokens.expires_at - now) if tokens is not None else None
-        out[account_id] = {"status": account.status, "expires_in": expires_in, "reason": reason}
+        expires_in = max(int(tokens.expires_at - now), 0) if tokens is not None else None
+        out[account_id] = {"status": display_state(account, now), "expires_in": expires_in, "reason": reason}
     return out

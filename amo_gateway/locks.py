@@ -16,6 +16,8 @@ import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from amo_gateway.vault import open_no_follow
+
 _POLL = 0.02
 
 
@@ -23,7 +25,7 @@ class RefreshLocks:
     """Single-flight refresh per account, across coroutines and processes."""
 
     def __init__(self, path: Path) -> None:
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._fd = open_no_follow(path, os.O_RDWR | os.O_CREAT)
         self._locks: dict[str, asyncio.Lock] = {}
 
     def close(self) -> None:

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from amo_gateway.accounts import account_url
+from amo_gateway.accounts import account_url, amo_subdomain, host_of
 from amo_gateway.amo_client import AmoClient
 from amo_gateway.clock import Clock
 from amo_gateway.errors import (
@@ -28,6 +28,7 @@ from amo_gateway.errors import (
 )
 from amo_gateway.locks import RefreshLocks
 from amo_gateway.logs import event
+from amo_gateway.settings import DEFAULT_BASE_DOMAINS
 from amo_gateway.store import Store
 from amo_gateway.tokens import (
     CONNECTED,
@@ -67,13 +68,14 @@ class TokenManager:
     """Hands out current tokens and refreshes them, one refresh per account at a time."""
 
     def __init__(self, store: Store, client: AmoClient, locks: RefreshLocks, clock: Clock, *, margin: float,
-                 url_template: str = "https://{host}") -> None:
+                 url_template: str = "https://{host}", base_domains: Sequence[str] = DEFAULT_BASE_DOMAINS) -> None:
         self.store = store
         self.client = client
         self.locks = locks
         self.clock = clock
         self.margin = margin
         self.url_template = url_template
+        self.base_domains = base_domains
         self.observers: list[Observer] = []
         self._running: set[asyncio.Future[list[Outcome]]] = set()
 
@@ -178,20 +180,35 @@ class TokenManager:
         return Outcome(account.account_id, "refreshed", pair=pair_from_response(body, self.clock.time()))
 
     async def _find_new_host(self, account: Account, token: str, err: UpstreamError) -> tuple[str, str | None] | None:
-        """After a 401/404 that is not a revocation, ask api_domain where the account lives now."""
+        """After a 401/404 that is not a revocation, ask api_domain where the account lives now.
+
+        Both hosts must be amoCRM/Kommo hosts from the referer allow-list: api_domain comes from an unverified
+        JWT claim and receives the refresh token; the answered host would receive the client secret next.
+        """
         if err.extra.get("hint") == REVOKED_HINT or not account.api_domain:
             return None
+        api_host = host_of(account.api_domain)
+        if not self._amo_host(account, "api_domain", api_host):
+            return None
         try:
-            where = await self.client.current_subdomain(account_url(self.url_template, account.api_domain), token)
+            where = await self.client.current_subdomain(account_url(self.url_template, api_host), token)
         except UpstreamError:
             return None
-        domain = str(where.get("domain") or "")
+        domain = host_of(str(where.get("domain") or ""))
         new_base = account_url(self.url_template, domain) if domain else ""
-        if not new_base or new_base == account.base_url:
+        if not new_base or new_base == account.base_url or not self._amo_host(account, "new_host", domain):
             return None
         event(log, "account.moved", level=logging.WARNING, account=account.account_id,
               old_host=account.base_url, new_host=new_base)
-        return new_base, (str(where["subdomain"]) if where.get("subdomain") else None)
+        return new_base, amo_subdomain(domain, self.base_domains)
+
+    def _amo_host(self, account: Account, role: str, host: str) -> bool:
+        """True for `{sub}.{allowed base domain}`; anything else is logged and never contacted."""
+        if amo_subdomain(host, self.base_domains) is not None:
+            return True
+        event(log, "account.move_refused", level=logging.WARNING, account=account.account_id, role=role,
+              host=host[:253], detail="not an amoCRM/Kommo host from AMO_ALLOWED_BASE_DOMAINS; account left as it was")
+        return False
 
     def _report(self, outcome: Outcome) -> None:
         if outcome.result == "refreshed" and outcome.pair is not None:

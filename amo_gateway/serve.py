@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from typing import Any
 
@@ -12,6 +13,7 @@ from aiohttp import web
 
 from amo_gateway import systemd
 from amo_gateway.app import create_app
+from amo_gateway.errors import ConfigError
 from amo_gateway.logs import AccessLogger, event
 from amo_gateway.sandbox import SandboxConfig, create_sandbox_app
 from amo_gateway.settings import Settings
@@ -25,8 +27,10 @@ async def serve(settings: Settings, *, sandbox: SandboxConfig | None = None) -> 
     try:
         if sandbox is not None:
             port = int((settings.account_base_url or "").rsplit(":", 1)[-1])
-            runners.append(await _start(create_sandbox_app(sandbox), "127.0.0.1", port, settings))
-        runners.append(await _start(create_app(settings), settings.host, settings.port, settings))
+            runners.append(await _start(create_sandbox_app(sandbox), "127.0.0.1", port, settings,
+                                        "AMO_GATEWAY_PORT (the sandbox listens one port above the gateway)"))
+        runners.append(await _start(create_app(settings), settings.host, settings.port, settings,
+                                    "AMO_GATEWAY_HOST / AMO_GATEWAY_PORT (or --host / --port)"))
         event(log, "gateway.listening", host=settings.host, port=settings.port, sandbox=sandbox is not None)
         systemd.notify("READY=1")
         watchdog = asyncio.create_task(systemd.watchdog())
@@ -44,11 +48,17 @@ def runner_options(settings: Settings) -> dict[str, Any]:
     return {"access_log_class": AccessLogger, "shutdown_timeout": settings.shutdown_timeout}
 
 
-async def _start(app: web.Application, host: str, port: int, settings: Settings) -> web.AppRunner:
+async def _start(app: web.Application, host: str, port: int, settings: Settings, setting: str) -> web.AppRunner:
+    """Listen on host:port; a port in use (or an address not ours) is one line naming it and its setting."""
     runner = web.AppRunner(app, **runner_options(settings))
     await runner.setup()
     site = web.TCPSite(runner, host, port, shutdown_timeout=settings.shutdown_timeout)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as err:
+        await runner.cleanup()
+        reason = os.strerror(err.errno) if err.errno else str(err)  # asyncio's own text repeats host and port
+        raise ConfigError(f"cannot listen on {host}:{port}: {reason}; change {setting}") from None
     return runner
 
 

@@ -27,6 +27,18 @@ CREDENTIAL_FILES = {
     "admin_token": "admin-token",
     "consumer_tokens": "consumer-tokens",
 }  # the vault key is read by vault.load_keyring, which owns its own precedence
+# Secret settings that must never sit in config.yaml, and where each belongs instead.
+SECRET_HOMES = {
+    "client_secret": "put it in the systemd credential file /etc/amo-gateway/client-secret "
+                     "(LoadCredential=client-secret) or the environment variable AMO_CLIENT_SECRET",
+    "admin_token": "put it in the systemd credential file /etc/amo-gateway/admin-token "
+                   "(LoadCredential=admin-token) or the environment variable AMO_ADMIN_TOKEN",
+    "vault_key": "put the key in a 0600 key file named by AMO_VAULT_KEY_FILE, or the systemd credential "
+                 "/etc/amo-gateway/vault-key (LoadCredential=vault-key)",
+    "consumer_tokens": "put them in the systemd credential file /etc/amo-gateway/consumer-tokens "
+                       "(LoadCredential=consumer-tokens) or the environment variable AMO_CONSUMER_TOKENS",
+}
+SECRET_SETTINGS = tuple(SECRET_HOMES)
 _LIST_FIELDS = {"trusted_proxies", "allowed_base_domains", "allowed_accounts", "proxy_paths"}
 
 
@@ -144,13 +156,34 @@ def load_settings(
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read config file {path}: {type(err).__name__}") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror or type(err).__name__}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"cannot read config file {path}: not UTF-8 text") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"cannot parse config file {path}: {_yaml_problem(err)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of settings")
+    _refuse_secrets(path, data)
     return data
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's problem with its 1-based line and column (the message alone names neither)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or type(err).__name__
+    if mark is None:
+        return str(problem)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+
+
+def _refuse_secrets(path: Path, data: dict[str, Any]) -> None:
+    """A secret in config.yaml (often world-readable, often committed) stops start-up, naming where it belongs."""
+    for key in SECRET_SETTINGS:
+        if key in data:
+            raise ConfigError(f"config file {path} holds the secret {key!r}: remove it from there; {SECRET_HOMES[key]}")
 
 
 def _from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -167,13 +200,24 @@ def _fill_from_credentials(layers: dict[str, Any], environ: Mapping[str, str]) -
     if not directory:
         return
     for field, filename in CREDENTIAL_FILES.items():
-        path = Path(directory) / filename
-        if field in layers or not path.is_file():
+        text = None if field in layers else _read_credential(Path(directory) / filename)
+        if text is None:
             continue
-        text = path.read_text(encoding="utf-8").strip()
         if field == "consumer_tokens":
             text = ",".join(line.strip() for line in text.splitlines() if line.strip())
         layers[field] = text
+
+
+def _read_credential(path: Path) -> str | None:
+    """A credential file's text, None when absent; one that cannot be read is a ConfigError naming the file."""
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise ConfigError(f"cannot read credential file {path}: {err.strerror or type(err).__name__}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"cannot read credential file {path}: not UTF-8 text") from None
 
 
 def _describe(err: ValidationError) -> str:

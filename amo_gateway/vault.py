@@ -9,6 +9,7 @@ process that each open the lock file exclude each other too.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -92,6 +93,8 @@ class Vault:
         """Create the 0700 directory, tighten a looser one we own, and sweep temp files of dead writers."""
         directory = self.path.parent
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.path.is_symlink():  # reads would follow it and the first write replace it: the vault would fork
+            raise VaultError(f"vault path {self.path} is a symbolic link; point AMO_VAULT_PATH at the real file")
         info = directory.stat()
         if stat.S_IMODE(info.st_mode) & 0o077:
             if info.st_uid != os.getuid():
@@ -104,7 +107,7 @@ class Vault:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the cross-process lock (blocking) for the duration of the block."""
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = open_no_follow(self.lock_path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -127,7 +130,7 @@ class Vault:
         1 000 accounts to decrypt and parse). An edited id only costs a full read.
         """
         try:
-            blob = self.path.read_bytes()
+            blob = _read_no_follow(self._path_str)
         except FileNotFoundError:
             return VaultData()
         write_id, token = _split(blob)
@@ -197,6 +200,22 @@ class Vault:
             self.save(data)
 
 
+def open_no_follow(path: Path, flags: int) -> int:
+    """os.open with O_NOFOLLOW (mode 0600 when created): a symlink planted in the state directory is refused."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, 0o600)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise VaultError(f"{path} is a symbolic link; refusing to follow it (remove it)") from None
+        raise
+
+
+def _read_no_follow(path: str) -> bytes:
+    fd = open_no_follow(Path(path), os.O_RDONLY)
+    with os.fdopen(fd, "rb") as handle:
+        return handle.read()
+
+
 def load_keyring(key_file: Path | None, credentials_dir: str | None, inline_key: str | None) -> KeyRing:
     """The vault keys from AMO_VAULT_KEY_FILE, else $CREDENTIALS_DIRECTORY/vault-key, else AMO_VAULT_KEY."""
     if key_file is not None:
@@ -213,6 +232,8 @@ def _read_key_file(path: Path) -> KeyRing:
         return KeyRing.parse(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise ConfigError(f"cannot read vault key file {path}: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"cannot read vault key file {path}: not UTF-8 text") from None
 
 
 def write_key_file(path: Path, keys: KeyRing) -> None:

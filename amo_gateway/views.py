@@ -7,7 +7,7 @@ from typing import Any
 from aiohttp import web
 
 from amo_gateway.accounts import account_summary, select_account
-from amo_gateway.errors import NotConnected, NotFound, UpstreamUnauthorized
+from amo_gateway.errors import BadRequest, ConsentDenied, NotConnected, NotFound, UpstreamUnauthorized
 from amo_gateway.inputs import ExchangeBody, flag, json_body, query_param
 from amo_gateway.typedefs import (
     AUDIT,
@@ -42,11 +42,11 @@ async def exchange_api_key(request: web.Request) -> web.Response:
 
 async def callback(request: web.Request) -> web.Response:
     """GET /callback: amoCRM brings a code; answer the seed's JSON well inside amoCRM's 3 s."""
-    code = query_param(request, "code", required=True)
-    assert code is not None
+    code = query_param(request, "code")
     state = query_param(request, "state")
     with request.app[AUDIT].outcome("callback.accepted", "callback.refused", secrets={"code": code, "state": state},
                                     referer=query_param(request, "referer")) as audit:
+        code = _code_or_refusal(code, query_param(request, "error"))
         connected = await request.app[FLOWS].callback(
             code,
             state,
@@ -66,6 +66,19 @@ async def callback(request: web.Request) -> web.Response:
     if connected.label is not None:
         body["state"] = connected.label
     return web.json_response(body)
+
+
+def _code_or_refusal(code: str | None, error: str | None) -> str:
+    """The code, or why there is none: amoCRM redirects with `error=access_denied` when the user pressed deny."""
+    if error == "access_denied":
+        raise ConsentDenied("the user declined the integration on amoCRM's consent page (error=access_denied); "
+                            "nothing was connected")
+    if error is not None:
+        shown = error if error.isascii() and error.replace("_", "").isalnum() and len(error) <= 64 else "(unprintable)"
+        raise ConsentDenied(f"amoCRM redirected without a code: error={shown}", code="authorization_failed")
+    if code is None:
+        raise BadRequest("query parameter 'code' is required", code="missing_parameter")
+    return code
 
 
 async def authorize(request: web.Request) -> web.Response:
@@ -120,7 +133,8 @@ async def disconnect(request: web.Request) -> web.Response:
     signature = query_param(request, "signature", required=True)
     assert account_id is not None and client_uuid is not None and signature is not None
     with request.app[AUDIT].outcome("disconnect.accepted", "disconnect.refused", account=account_id) as audit:
-        removed = await request.app[FLOWS].disconnect(account_id, client_uuid, signature)
+        removed = await request.app[FLOWS].disconnect(account_id, client_uuid, signature,
+                                                       pace=lambda acc: _rate_slot(request.app, acc))
         audit.update(had_tokens=removed)
     request.app[TEST_CACHE].clear()
     request.app[REFRESHER].wake()

@@ -45,6 +45,7 @@ async def _story(rig: Rig) -> list[str]:
     await rig.client.get(rig.url("/callback?code=def50200forged&state=bogus-state"))
     secrets += ["def50200forged", "bogus-state"]
     sig = hmac.new(secrets[1].encode(), f"{rig.settings.client_id}|{ACCOUNT_ID}".encode(), hashlib.sha256)
+    rig.sandbox.revoke(ACCOUNT_ID)  # the user removed the integration: amoCRM kills the tokens, then calls the hook
     await rig.client.get(rig.url(f"/disconnect?account_id={ACCOUNT_ID}&client_uuid={rig.settings.client_id}"
                                  f"&signature={sig.hexdigest()}"))
     return secrets

@@ -161,6 +161,37 @@ def _fake_bin(directory: Path, name: str, log: Path) -> None:
     script.chmod(0o755)
 
 
+_RUNNING_SYSTEMD_RUN = """#!{python}
+import os, shutil, subprocess, sys, tempfile
+args = sys.argv[1:]
+with open({log!r}, "a") as log:
+    log.write("systemd-run " + " ".join(args) + "\\n")
+env, creds, i = dict(os.environ), tempfile.mkdtemp(), 0
+while args[i].startswith("-"):
+    if args[i] != "-p":
+        i += 1
+        continue
+    key, _, value = args[i + 1].partition("=")
+    if key == "LoadCredential":
+        name, _, path = value.partition(":")
+        shutil.copy(path, os.path.join(creds, name))
+    elif key == "Environment":
+        env.update([value.split("=", 1)])
+    elif key == "EnvironmentFile":
+        env.update(line.split("=", 1) for line in open(value).read().splitlines() if "=" in line and line[0] != "#")
+    i += 2
+sys.exit(subprocess.run(args[i:], env={{**env, "CREDENTIALS_DIRECTORY": creds}}).returncode)
+"""
+
+
+def _running_systemd_run(directory: Path, log: Path) -> None:
+    """A stand-in systemd-run that logs its arguments, then runs the command with the -p credentials and env."""
+    directory.mkdir(exist_ok=True)
+    script = directory / "systemd-run"
+    script.write_text(_RUNNING_SYSTEMD_RUN.format(python=sys.executable, log=str(log)), encoding="utf-8")
+    script.chmod(0o755)
+
+
 def test_ctl_runs_cli_commands_with_the_units_user_state_and_credentials(tmp_path: Path) -> None:
     """`amo-gateway-ctl status` goes through systemd-run with the unit's user, state directory and credentials."""
     log = tmp_path / "calls.log"
@@ -177,7 +208,7 @@ def test_ctl_runs_cli_commands_with_the_units_user_state_and_credentials(tmp_pat
 
 
 def test_ctl_rotate_key_stops_rotates_and_restarts(tmp_path: Path) -> None:
-    """rotate-key: systemctl stop, the vault re-encrypted under a new primary key in /etc's key file, start."""
+    """rotate-key: stop, a new primary key in /etc's key file, the vault re-encrypted as the service user, start."""
     program = Path(sys.executable).with_name("amo-gateway")
     if not program.exists():
         pytest.skip("the amo-gateway console script is not installed in this virtualenv (make install)")
@@ -186,15 +217,24 @@ def test_ctl_rotate_key_stops_rotates_and_restarts(tmp_path: Path) -> None:
     old_key = Fernet.generate_key().decode()
     (etc / "vault-key").write_text(old_key + "\n", encoding="utf-8")
     shutil.copy(ENV_FILE, etc / "amo-gateway.env")
+    for name in ("client-secret", "admin-token", "consumer-tokens"):
+        (etc / name).write_text("x\n" if name != "consumer-tokens" else "", encoding="utf-8")
     vault = Vault(state / "vault.enc", KeyRing([old_key]))
     vault.prepare()
     vault.save(VaultData())
     _fake_bin(tmp_path / "bin", "systemctl", log)
-    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "AMO_GATEWAY_ETC": str(etc),
+    _running_systemd_run(tmp_path / "bin", log)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AMO_")},
+           "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "AMO_GATEWAY_ETC": str(etc),
            "AMO_GATEWAY_STATE": str(state), "AMO_GATEWAY_BIN": str(program)}
-    subprocess.run(["bash", str(CTL), "rotate-key"], env=env, check=True, timeout=60, capture_output=True)
-    assert log.read_text(encoding="utf-8").splitlines() == ["systemctl stop amo-gateway.service",
-                                                            "systemctl start amo-gateway.service"]
+    done = subprocess.run(["bash", str(CTL), "rotate-key"], env=env, timeout=60, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    calls = log.read_text(encoding="utf-8").splitlines()
+    assert [calls[0], calls[-1]] == ["systemctl stop amo-gateway.service", "systemctl start amo-gateway.service"]
+    # The vault is rewritten only inside a transient unit as the service's user (root would follow symlinks).
+    assert len(calls) == 3 and calls[1].startswith("systemd-run ") and calls[1].endswith(f"{program} reencrypt")
+    for prop in ("DynamicUser", "User", "StateDirectory", "UMask"):
+        assert f"-p {prop}={unit_values(prop)[0]}" in calls[1]
     keys = KeyRing.parse((etc / "vault-key").read_text(encoding="utf-8"))
     assert keys.keys[1:] == [old_key] and keys.keys[0] != old_key
     assert Vault(state / "vault.enc", KeyRing(keys.keys[:1])).read()[0] == VaultData()

@@ -236,8 +236,10 @@ class GatewayModel(RuleBasedStateMachine):
     @precondition(lambda self: self.account() is not None)
     @rule(side=SIDES)
     def amocrm_sends_disconnect(self, side: int) -> None:
-        """A signed disconnect forgets the account."""
+        """The user removes the integration: amoCRM kills the tokens, and its signed disconnect forgets the account."""
         RULE_HITS["amocrm_sends_disconnect"] += 1
+        self.sandbox.revoke(ACCOUNT)
+        self.clock.advance(1)  # the probe of the token counts against amoCRM's 7 rps, which runs on this clock
         signature = hmac.new(self.secret.encode(), f"{CLIENT_ID}|{ACC}".encode(), hashlib.sha256).hexdigest()
         assert self.run(self.flows[side].disconnect(ACC, CLIENT_ID, signature)) is True
         assert self.account() is None
