@@ -39,9 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--config", type=Path, help="YAML settings file (environment and flags override it)")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", parents=[common], help="run the gateway")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--vault-path", type=Path)
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1; AMO_GATEWAY_HOST)")
+    serve.add_argument("--port", type=int, help="port to listen on (default 8080; AMO_GATEWAY_PORT); "
+                                                "in sandbox mode the sandbox takes the next port")
+    serve.add_argument("--vault-path", type=Path, help="the encrypted vault file (default var/vault.enc; "
+                                                        "AMO_VAULT_PATH)")
     serve.add_argument("--sandbox", action="store_true",
                        help="with no AMO_CLIENT_SECRET, run against the built-in amoCRM sandbox (development)")
     serve.set_defaults(func=_serve)
@@ -60,8 +62,16 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--json", action="store_true", help="the stored JSON lines, unchanged")
     audit.set_defaults(func=_audit)
     status = sub.add_parser("status", parents=[common], help="the connected accounts, read from the vault")
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--json", action="store_true", help="one JSON object per account instead of a table")
     status.set_defaults(func=_status)
+    forget = sub.add_parser("forget", parents=[common], help="remove an account and its tokens from the vault")
+    forget.add_argument("account", help="the amoCRM account id or subdomain to forget")
+    forget.add_argument("--yes", action="store_true", help="do it without asking (scripts, amo-gateway-ctl)")
+    forget.set_defaults(func=_forget)
+    reconnect = sub.add_parser("reconnect", parents=[common],
+                               help="print how to re-authorize an account: a consent URL and the API-key route")
+    reconnect.add_argument("--label", help="a note kept beside the consent URL's state (shown in the audit)")
+    reconnect.set_defaults(func=_reconnect)
     imp = sub.add_parser("import-token", parents=[common], help="store a long-lived token (private integrations)")
     imp.add_argument("token_file", help="file holding the token, or - to read it from standard input")
     imp.add_argument("--account-id", help="default: the token's account_id claim")
@@ -71,7 +81,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
-    return load_settings(args.config, overrides=overrides)
+    """The settings, completed from `make run`'s sandbox settings when the tool runs beside it (devmode)."""
+    from amo_gateway.devmode import with_dev_settings
+
+    settings = load_settings(args.config, overrides=overrides)
+    return settings if args.command == "serve" else with_dev_settings(settings)
 
 
 def _vault(settings: Settings) -> Vault:
@@ -136,9 +150,14 @@ def _reencrypt(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from amo_gateway.audit import show
+    from amo_gateway.audit import audit_path, show
 
-    for line in show(_settings(args).vault_path, args.tail, args.json):
+    vault_path = _settings(args).vault_path
+    lines = show(vault_path, args.tail, args.json)
+    if not lines:
+        print(f"the audit log is empty ({audit_path(vault_path)}): nothing has been connected, refused or "
+              "changed yet", file=sys.stderr)
+    for line in lines:
         print(line)
     return 0
 
@@ -151,6 +170,62 @@ def _authorize_url(args: argparse.Namespace) -> int:
     settings = _settings(args)
     flows = Flows(settings, Store(_vault(settings)), None, SystemClock())  # type: ignore[arg-type]
     print(asyncio.run(flows.authorize_url(args.label)))
+    return 0
+
+
+def _forget(args: argparse.Namespace) -> int:
+    """Remove one account (by id or subdomain) and its tokens; amoCRM is not told (see the README)."""
+    from amo_gateway.audit import record_now
+
+    settings = _settings(args)
+    vault = _vault(settings)
+    data, _ = vault.read()
+    matches = [a for a in data.accounts.values() if args.account in (a.account_id, a.subdomain)]
+    if not matches:
+        raise ConfigError(f"no account {args.account[:64]!r} in the vault (see `amo-gateway status`)")
+    account_id = matches[0].account_id
+    if not args.yes and not _confirm(f"forget account {account_id} ({matches[0].base_url}) and its tokens?"):
+        print("nothing changed")
+        return 1
+    vault.update(lambda d: d.accounts.pop(account_id, None))
+    record_now(settings.vault_path, vault.keys, "account.forgotten", account=account_id, by="cli")
+    print(f"account {account_id} forgotten; reconnect it with `amo-gateway reconnect` when needed")
+    return 0
+
+
+def _confirm(question: str) -> bool:
+    if not sys.stdin.isatty():
+        raise ConfigError("refusing to forget without confirmation: pass --yes")
+    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+
+
+def _reconnect(args: argparse.Namespace) -> int:
+    """A fresh consent URL, and what to do with it (or with the API key instead)."""
+    from amo_gateway.clock import SystemClock
+    from amo_gateway.flows import Flows
+    from amo_gateway.settings import PREFIX
+    from amo_gateway.store import Store
+
+    settings = _settings(args)
+    flows = Flows(settings, Store(_vault(settings)), None, SystemClock())  # type: ignore[arg-type]
+    url = asyncio.run(flows.authorize_url(args.label or "reconnect"))
+    minutes = settings.state_ttl // 60
+    print(f"""To re-authorize, either:
+
+1. Open this URL in a browser signed in to amoCRM as an administrator of the account, pick the account and
+   press Allow. amoCRM sends the browser back to the gateway's callback, which stores the new pair.
+   The link works once and for {minutes} minutes:
+
+   {url}
+
+2. Or, with the account's API key (amoCRM: Settings > API), from a machine the site allows or through the
+   SSH tunnel (one exchange per login every 5 minutes; a second one within 5 minutes gets 429):
+
+   curl -X POST http://127.0.0.1:{settings.port}{PREFIX}/exchange-api-key \\
+        -H "Authorization: Bearer $ADMIN_TOKEN" -H 'Content-Type: application/json' \\
+        -d '{{"login": "admin@example.com", "api_key": "…"}}'
+
+Then `amo-gateway status` shows the account connected.""")
     return 0
 
 

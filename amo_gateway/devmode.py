@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import secrets
 import sys
 from pathlib import Path
+from typing import Any
 
 from cryptography.fernet import Fernet
 
@@ -14,6 +17,8 @@ from amo_gateway.settings import PREFIX, Settings
 DEMO_LOGIN = "demo@example.com"
 DEMO_API_KEY = "sandbox-api-key"  # a fake key the sandbox accepts; amoCRM never sees it
 DEMO_ACCOUNT_ID = 31920194
+DEV_SETTINGS = "dev-settings.json"  # beside the vault: what the CLI needs to work on `make run`'s vault
+_SHARED = ("client_id", "redirect_uri", "base_url", "auth_url", "account_id", "vault_key_file")
 
 
 def sandbox_setup(settings: Settings, workdir: Path) -> tuple[Settings, SandboxConfig]:
@@ -34,6 +39,7 @@ def sandbox_setup(settings: Settings, workdir: Path) -> tuple[Settings, SandboxC
         changes["vault_key_file"] = workdir / "vault-key"
         _dev_file(workdir / "vault-key", Fernet.generate_key().decode())
     dev = Settings.model_validate(settings.model_dump() | changes)
+    _write_dev_settings(workdir, dev)
     config = SandboxConfig(
         client_id=str(dev.client_id),
         client_secret=dev.secret("client_secret") or "",
@@ -42,6 +48,36 @@ def sandbox_setup(settings: Settings, workdir: Path) -> tuple[Settings, SandboxC
         send_referer=False,
     )
     return dev, config
+
+
+def _write_dev_settings(workdir: Path, dev: Settings) -> None:
+    """Leave the sandbox's non-secret settings beside the vault, so `amo-gateway status` etc. find them."""
+    values = {name: getattr(dev, name) for name in _SHARED if getattr(dev, name) is not None}
+    values["vault_key_file"] = str(Path(values["vault_key_file"]).resolve()) if "vault_key_file" in values else None
+    path = workdir / DEV_SETTINGS
+    path.write_text(json.dumps({k: v for k, v in values.items() if v is not None}, indent=2) + "\n", encoding="utf-8")
+    path.chmod(0o600)
+
+
+def with_dev_settings(settings: Settings) -> Settings:
+    """The CLI beside `make run`: fill what is not configured from the sandbox's dev settings, if any.
+
+    Only where no client secret is configured (a production set-up always has one) and only for settings
+    left unset, so the environment and the config file still win.
+    """
+    path = settings.vault_path.parent / DEV_SETTINGS
+    if settings.client_secret is not None or os.environ.get("CREDENTIALS_DIRECTORY") or not path.is_file():
+        return settings
+    try:
+        dev: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return settings
+    unset = {k: v for k, v in dev.items() if k in _SHARED and getattr(settings, k, None) is None}
+    if "auth_url" in dev and settings.auth_url == Settings.model_fields["auth_url"].default:
+        unset["auth_url"] = dev["auth_url"]
+    if settings.vault_key is not None:
+        unset.pop("vault_key_file", None)
+    return Settings.model_validate(settings.model_dump() | unset) if unset else settings
 
 
 def _dev_file(path: Path, value: str) -> str:

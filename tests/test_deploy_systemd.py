@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -242,8 +245,48 @@ def test_ctl_rotate_key_stops_rotates_and_restarts(tmp_path: Path) -> None:
 
 
 def test_ctl_refuses_unknown_commands() -> None:
-    """Anything but status, authorize-url and rotate-key is a usage error, not a pass-through."""
+    """Anything but the listed operator commands is a usage error, not a pass-through."""
     result = subprocess.run(["bash", str(CTL), "serve"], capture_output=True, text=True, timeout=10)
     assert result.returncode == 2
     assert "usage:" in result.stderr
 
+
+
+def test_ctl_covers_the_operator_tasks_as_the_service_user(tmp_path: Path) -> None:
+    """import-token (token on a pipe, never argv), status, forget and audit all run through systemd-run."""
+    program = Path(sys.executable).with_name("amo-gateway")
+    if not program.exists():
+        pytest.skip("the amo-gateway console script is not installed in this virtualenv (make install)")
+    etc, state, log = tmp_path / "etc", tmp_path / "state", tmp_path / "calls.log"
+    etc.mkdir()
+    (etc / "vault-key").write_text(Fernet.generate_key().decode() + "\n", encoding="utf-8")
+    shutil.copy(ENV_FILE, etc / "amo-gateway.env")
+    for name in ("client-secret", "admin-token", "consumer-tokens"):
+        (etc / name).write_text("x\n" if name != "consumer-tokens" else "", encoding="utf-8")
+    claims = {"account_id": 4242, "exp": int(time.time()) + 30 * 86400, "api_domain": "api-b.amocrm.ru"}
+    token = ".".join(base64.urlsafe_b64encode(json.dumps(part).encode()).decode().rstrip("=")
+                     for part in ({"alg": "RS256"}, claims, {"sig": 1}))
+    token_file = tmp_path / "long-lived.jwt"
+    token_file.write_text(token + "\n", encoding="utf-8")
+    token_file.chmod(0o600)
+    _running_systemd_run(tmp_path / "bin", log)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AMO_")},
+           "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "AMO_GATEWAY_ETC": str(etc),
+           "AMO_GATEWAY_STATE": str(state), "AMO_GATEWAY_BIN": str(program)}
+
+    def ctl(*args: str) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(["bash", str(CTL), *args], env=env, timeout=60, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    ctl("import-token", str(token_file), "--host", "acme.amocrm.ru")
+    rows = json.loads(ctl("status", "--json").stdout)
+    assert [(r["account_id"], r["long_lived"]) for r in rows] == [("4242", True)]
+    ctl("forget", "4242", "--yes")
+    assert json.loads(ctl("status", "--json").stdout) == []
+    assert "account.forgotten" in ctl("audit").stdout
+    assert "consent" not in ctl("reconnect").stderr  # prints its guidance on stdout, exits 0
+    calls = log.read_text(encoding="utf-8")
+    assert token not in calls  # the token travelled on stdin, never on a command line
+    assert all(line.startswith("systemd-run ") for line in calls.splitlines())
+    assert f"{program} import-token - --host acme.amocrm.ru" in calls
