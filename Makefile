@@ -4,15 +4,23 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test check lint typecheck evidence soak bench clean clean-dev nginx-available
+.PHONY: install lock run test check lint typecheck evidence soak bench clean clean-dev nginx-available
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Runtime dependencies come from the hash-locked requirements.lock (as on the VPS); dev tools from pyproject.
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements.lock
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+# Re-pin the runtime dependencies (newest versions pyproject allows), with hashes; commit the result.
+lock: install
+	$(BIN)/python -m pip install --quiet pip-tools
+	$(BIN)/pip-compile --quiet --upgrade --generate-hashes --no-emit-index-url --no-emit-find-links --strip-extras \
+		--output-file requirements.lock pyproject.toml
 
 run: install
 	$(BIN)/amo-gateway serve --config config.yaml --sandbox
