@@ -50,7 +50,14 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("gen-key", help="print a new Fernet vault key").set_defaults(func=_gen_key)
     rotate = sub.add_parser("rotate-key", parents=[common], help="re-encrypt the vault under a new primary key")
     rotate.add_argument("--key-file", type=Path, help="the key file to rewrite (default: AMO_VAULT_KEY_FILE)")
+    rotate.add_argument("--drop-old", action="store_true",
+                        help="once the vault is re-encrypted, keep only the new key (backups made under the old "
+                             "keys no longer open: re-copy the key file to the off-site copy)")
     rotate.set_defaults(func=_rotate_key)
+    restore = sub.add_parser("restore", parents=[common],
+                             help="put a vault backup back; every refresh token in it is verified with amoCRM at once")
+    restore.add_argument("backup", type=Path, help="the backup file (a copy of vault.enc)")
+    restore.set_defaults(func=_restore)
     sub.add_parser("reencrypt", parents=[common],
                    help="re-encrypt the vault under the first key of the configured key ring "
                         "(amo-gateway-ctl rotate-key runs it as the service user)").set_defaults(func=_reencrypt)
@@ -128,11 +135,43 @@ def _rotate_key(args: argparse.Namespace) -> int:
     new_keys = vault.keys.rotated()
     write_key_file(key_file, new_keys)  # lists the old keys too: a crash before the next line loses nothing
     vault.reencrypt(new_keys)
+    if args.drop_old:
+        new_keys = KeyRing(new_keys.keys[:1])
+        Vault(settings.vault_path, new_keys).read()  # the vault opens with the new key alone before the rest go
+        write_key_file(key_file, new_keys)
     from amo_gateway.audit import record_now
 
-    record_now(settings.vault_path, new_keys, "key.rotated", key_count=len(new_keys.keys))
-    print(f"vault re-encrypted under a new primary key; {key_file} now lists {len(new_keys.keys)} keys "
-          "(restart the service so it loads them)")
+    record_now(settings.vault_path, new_keys, "key.rotated", key_count=len(new_keys.keys), dropped_old=args.drop_old)
+    print(f"vault re-encrypted under a new primary key; {key_file} now lists {len(new_keys.keys)} "
+          f"key{'s' if len(new_keys.keys) > 1 else ''} (restart the service so it loads them; copy the key file "
+          "to wherever the off-site backup of the key lives)")
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    """Put a backup in place of the vault, every refresh token marked for verification at once.
+
+    A backup may hold a refresh token amoCRM has spent since (single use): each restored pair is made due
+    now, so the running service (it watches the file) or the next start spends it at once and learns the
+    truth within seconds, instead of at the next scheduled refresh hours later.
+    """
+    from amo_gateway.audit import record_now
+    from amo_gateway.restore import mark_for_verification, replace_accounts
+
+    settings = _settings(args)
+    vault = _vault(settings)
+    backup = Vault(args.backup, vault.keys)
+    try:
+        restored = backup.load()
+    except OSError as err:
+        raise ConfigError(f"cannot read backup {args.backup}: {err.strerror or type(err).__name__}") from None
+    marked = mark_for_verification(restored, time.time())
+    vault.update(lambda data: replace_accounts(data, restored))
+    record_now(settings.vault_path, vault.keys, "vault.restored", accounts=len(restored.accounts), verifying=marked)
+    print(f"restored {len(restored.accounts)} account(s) from {args.backup}; {marked} refresh token(s) are "
+          "verified with amoCRM at once (within seconds if the service runs, else at its start). One that amoCRM "
+          "already spent turns its account to reauth_required (token_revoked): reconnect it then "
+          "(`amo-gateway reconnect`).")
     return 0
 
 
