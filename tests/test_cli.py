@@ -118,3 +118,15 @@ async def test_running_service_picks_up_keys_after_rotate_key(tmp_path: Path) ->
     data = await store.reload()
     assert data.accounts["7"].subdomain == "acme"
     assert store.vault.keys.keys == key_file.read_text().split()
+
+
+def test_rotate_key_drop_old_leaves_only_the_new_key(tmp_path: Path) -> None:
+    """rotate-key --drop-old: the vault opens with the one new key; the old one is gone from the key file."""
+    env, key_file, vault_path = _vault_env(tmp_path)
+    _seed_vault(key_file, vault_path)
+    old = key_file.read_text().strip()
+    result = _run("rotate-key", "--drop-old", env=env)
+    assert result.returncode == 0, result.stderr
+    keys = KeyRing.parse(key_file.read_text())
+    assert len(keys.keys) == 1 and keys.keys[0] != old
+    assert set(Vault(vault_path, keys).load().accounts) == {"7"}
