@@ -78,14 +78,29 @@ def shipped(key: str) -> list[str]:
     return [line.split("=", 1)[1].strip() for line in lines if line.startswith(f"{key}=")]
 
 
+@dataclass(frozen=True)
+class Secrets:
+    """The integration's secret and the operator token, made for this run (the files in /etc/amo-gateway)."""
+
+    client_secret: str = field(default_factory=lambda: secrets.token_hex(32))
+    admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+
+
 @dataclass
 class Deployment:
     """The booted machine with the unit started, the secrets the test wrote, and what it has seen."""
 
     machine: Machine
-    client_secret: str = field(default_factory=lambda: secrets.token_hex(32))
-    admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    secrets: Secrets
     connected: bool = False
+
+    @property
+    def client_secret(self) -> str:
+        return self.secrets.client_secret
+
+    @property
+    def admin_token(self) -> str:
+        return self.secrets.admin_token
 
     @property
     def admin(self) -> dict[str, str]:
@@ -141,6 +156,14 @@ class Deployment:
                     and self.show("MainPID") not in ("0", str(old_pid)))
         return self.machine.wait_until("the unit to be restarted", back, timeout)
 
+    def service_uid(self, pid: int | None = None) -> str:
+        """The real uid of the unit's main process (its dynamic user)."""
+        status = self.machine.read_file(f"/proc/{pid or self.running_pid()}/status").decode()
+        return next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))
+
+    def owner_and_mode(self, path: str) -> list[str]:
+        return self.machine.run("stat", "-c", "%u %a", path).stdout.split()
+
     def unit_messages(self) -> list[str]:
         return [str(e.get("MESSAGE", "")) for e in self.machine.journal()]
 
@@ -164,7 +187,7 @@ def write_units(work: Path) -> None:
     load.chmod(0o755)
 
 
-def write_etc(work: Path, deployment_secrets: Deployment) -> None:
+def write_etc(work: Path, made: Secrets) -> None:
     """/etc/amo-gateway: the shipped env file pointed at the sandbox, and root-only secret files."""
     etc = work / "etc"
     etc.mkdir(mode=0o700)
@@ -180,8 +203,8 @@ def write_etc(work: Path, deployment_secrets: Deployment) -> None:
     env += (f"\n# tests/test_systemd_real.py: amoCRM is the sandbox on the namespace's loopback\n"
             f"AMO_BASE_URL={SANDBOX}\nAMO_TEST_CACHE_SECONDS=0\n")
     files = {"amo-gateway.env": env, "vault-key": Fernet.generate_key().decode() + "\n",
-             "client-secret": deployment_secrets.client_secret + "\n",
-             "admin-token": deployment_secrets.admin_token + "\n", "consumer-tokens": f"crm-sync:{CONSUMER_TOKEN}\n"}
+             "client-secret": made.client_secret + "\n", "admin-token": made.admin_token + "\n",
+             "consumer-tokens": f"crm-sync:{CONSUMER_TOKEN}\n"}
     for name, text in files.items():
         (etc / name).write_text(text, encoding="utf-8")
         (etc / name).chmod(0o600)
@@ -209,13 +232,13 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     began = time.monotonic()
     work = tmp_path_factory.mktemp("systemd-real")
     install = service_install(work / "venv-build")
-    deployment = Deployment(machine=None)  # type: ignore[arg-type]
+    made = Secrets()
     write_units(work)
-    write_etc(work, deployment)
+    write_etc(work, made)
     machine = Machine.boot(work, install)
-    deployment.machine = machine
+    deployment = Deployment(machine, made)
     try:
-        start_sandbox(machine, deployment.client_secret)
+        start_sandbox(machine, made.client_secret)
         started = machine.run("systemctl", "start", UNIT, check=False, timeout=120)
         assert started.returncode == 0, started.stderr + "\n".join(deployment.unit_messages()[-40:])
         yield deployment
@@ -232,10 +255,10 @@ def test_ready_arrives_and_the_unit_runs_as_shipped(deployment: Deployment) -> N
     assert fragment == f"/etc/systemd/system/{UNIT}"
     assert deployment.machine.read_file(fragment) == SHIPPED_UNIT.read_bytes()
     assert deployment.show("DropInPaths") == f"/etc/systemd/system/{UNIT}.d/test-credentials.conf"
-    proc_status = deployment.machine.read_file(f"/proc/{deployment.running_pid()}/status").decode()
-    uid = next(line.split()[1] for line in proc_status.splitlines() if line.startswith("Uid:"))
+    assert deployment.show("Type") == "notify"  # so "active" means READY=1 arrived (TimeoutStartSec otherwise)
+    uid = deployment.service_uid()
     assert uid != "0"
-    assert deployment.machine.run("stat", "-c", "%u %a", VAULT.rsplit("/", 1)[0]).stdout.split() == [uid, "700"]
+    assert deployment.owner_and_mode(VAULT.rsplit("/", 1)[0]) == [uid, "700"]
     assert deployment.show("WatchdogUSec") == "30s"
     assert any('"gateway.listening"' in m for m in deployment.unit_messages())
 
@@ -253,8 +276,7 @@ def test_exchange_callback_test_token_through_the_unit(deployment: Deployment, t
     assert token.json()["access_token"] and "refresh_token" not in token.json()
     stored = deployment.vault(tmp_path).accounts[ACCOUNT]
     assert stored.tokens is not None and stored.tokens.access_token == token.json()["access_token"]
-    uid = deployment.machine.read_file(f"/proc/{deployment.running_pid()}/status").decode().split("Uid:")[1].split()[0]
-    assert deployment.machine.run("stat", "-c", "%u %a", VAULT).stdout.split() == [uid, "600"]
+    assert deployment.owner_and_mode(VAULT) == [deployment.service_uid(), "600"]
 
 
 def test_journal_holds_the_structured_events(deployment: Deployment, tmp_path: Path) -> None:
@@ -290,8 +312,7 @@ def test_ctl_status_and_authorize_url_through_real_systemd_run(deployment: Deplo
     assert consent.status == 302, consent.body
     callback = deployment.machine.http("GET", consent.headers["Location"])
     assert callback.status == 200, callback.body
-    uid = deployment.machine.read_file(f"/proc/{deployment.running_pid()}/status").decode().split("Uid:")[1].split()[0]
-    assert deployment.machine.run("stat", "-c", "%u %a", VAULT).stdout.split() == [uid, "600"]
+    assert deployment.owner_and_mode(VAULT) == [deployment.service_uid(), "600"]
 
 
 def test_stop_during_a_refresh_leaves_a_live_pair(deployment: Deployment, tmp_path: Path) -> None:
@@ -332,8 +353,8 @@ def test_stop_during_a_refresh_leaves_a_live_pair(deployment: Deployment, tmp_pa
 def test_kill_9_is_restarted_with_the_vault_intact(deployment: Deployment, tmp_path: Path) -> None:
     """SIGKILL to the main process: Restart=on-failure brings it back, the vault byte for byte the same."""
     deployment.ensure_connected()
-    blob, restarts, pid = deployment.machine.read_file(VAULT), int(deployment.show("NRestarts")), \
-        deployment.running_pid()
+    blob, pid = deployment.machine.read_file(VAULT), deployment.running_pid()
+    restarts = int(deployment.show("NRestarts"))
     before = deployment.vault(tmp_path)
     deployment.machine.run("systemctl", "kill", "--signal=SIGKILL", UNIT)
     seconds = deployment.wait_restarted(restarts, pid, 45)
@@ -370,6 +391,5 @@ def test_ctl_rotate_key_through_real_systemd(deployment: Deployment, tmp_path: P
     copy = scratch / "vault.enc"
     copy.write_bytes(deployment.machine.read_file(VAULT))
     assert Vault(copy, KeyRing(new_keys.keys[:1])).read()[0] == before
-    uid = deployment.machine.read_file(f"/proc/{new_pid}/status").decode().split("Uid:")[1].split()[0]
-    assert deployment.machine.run("stat", "-c", "%u %a", VAULT).stdout.split() == [uid, "600"]
+    assert deployment.owner_and_mode(VAULT) == [deployment.service_uid(new_pid), "600"]  # handed back
     assert deployment.get("/test").status == 200
