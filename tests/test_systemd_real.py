@@ -198,8 +198,9 @@ def write_etc(work: Path, made: Secrets) -> None:
         assert old in env, f"the shipped env file no longer holds {old!r}; update the test"
         env = env.replace(old, new)
     # Production mode (no --sandbox): only the account host is the stand-in. The sandbox's exchange callback
-    # carries no referer (--no-referer): with one, the referer check compares `demo.amocrm.ru` with
-    # AMO_BASE_URL's host and refuses it (referer_refused); another branch makes it compare with AMO_DOMAIN.
+    # carries no referer (--no-referer in start_sandbox): with one, today's referer check compares
+    # `demo.amocrm.ru` with AMO_BASE_URL's host and answers 400 referer_refused (seen here). Another branch makes
+    # it compare with AMO_DOMAIN; once merged, set AMO_DOMAIN=demo.amocrm.ru here and drop --no-referer.
     env += (f"\n# tests/test_systemd_real.py: amoCRM is the sandbox on the namespace's loopback\n"
             f"AMO_BASE_URL={SANDBOX}\nAMO_TEST_CACHE_SECONDS=0\n")
     files = {"amo-gateway.env": env, "vault-key": Fernet.generate_key().decode() + "\n",
