@@ -321,8 +321,8 @@ def test_stop_during_a_refresh_leaves_a_live_pair(deployment: Deployment, tmp_pa
     deployment.ensure_connected()
     before = deployment.vault(tmp_path).accounts[ACCOUNT].tokens
     assert before is not None
-    # The next API call answers 401, so the proxy refreshes once; amoCRM then holds the refresh for 3 s.
-    deployment.faults({"fail_next": {"api": [401]}, "delay": {"token": 3}})
+    # The next API call answers 401, so the proxy refreshes once; amoCRM then holds the refresh for 4 s.
+    deployment.faults({"fail_next": {"api": [401]}, "delay": {"token": 4}})
     token_hits = deployment.stats()["hits"].get("token", 0)
     proxied = subprocess.Popen(deployment.machine.http_argv("GET", f"{API}/proxy/api/v4/leads", deployment.admin),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
