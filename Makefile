@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install lock run test check lint typecheck evidence soak bench clean clean-dev nginx-available
+.PHONY: install lock run test check lint typecheck evidence soak bench clean clean-dev nginx-available systemd-available
 
 install: $(STAMP)
 
@@ -25,12 +25,18 @@ lock: install
 run: install
 	$(BIN)/amo-gateway serve --config config.yaml --sandbox
 
-test: install nginx-available
+test: install nginx-available systemd-available
 	$(BIN)/python -m pytest -q -m "not evidence"
 
 # The deployment tests run Debian's nginx for real; installed here (apt-get) when missing.
 nginx-available:
 	@bash scripts/ensure-nginx.sh
+
+# The systemd tests run systemd-analyze and boot a real systemd as PID 1 in namespaces (tests/test_systemd_real.py):
+# systemd, python3-venv, unshare/nsenter and ip, installed here (apt-get) when missing. Under CI=true a test that
+# still cannot run fails instead of skipping.
+systemd-available:
+	@bash scripts/ensure-systemd.sh
 
 lint: install
 	$(BIN)/ruff check amo_gateway tests scripts
