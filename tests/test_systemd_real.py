@@ -194,13 +194,13 @@ def write_etc(work: Path, made: Secrets) -> None:
     env = (ROOT / "systemd" / "amo-gateway.env").read_text(encoding="utf-8")
     for old, new in [("AMO_CLIENT_ID=00000000-0000-0000-0000-000000000000", f"AMO_CLIENT_ID={CLIENT_ID}"),
                      ("AMO_REDIRECT_URI=https://gateway.example.com/api/v1/integrations/amo-crm/callback",
-                      f"AMO_REDIRECT_URI={API}/callback")]:
+                      f"AMO_REDIRECT_URI={API}/callback"),
+                     ("AMO_DOMAIN=example.amocrm.ru", "AMO_DOMAIN=demo.amocrm.ru")]:
         assert old in env, f"the shipped env file no longer holds {old!r}; update the test"
         env = env.replace(old, new)
-    # Production mode (no --sandbox): only the account host is the stand-in. The sandbox's exchange callback
-    # carries no referer (--no-referer in start_sandbox): with one, today's referer check compares
-    # `demo.amocrm.ru` with AMO_BASE_URL's host and answers 400 referer_refused (seen here). Another branch makes
-    # it compare with AMO_DOMAIN; once merged, set AMO_DOMAIN=demo.amocrm.ru here and drop --no-referer.
+    # Production mode (no --sandbox): only the account host is the stand-in, reached at AMO_BASE_URL. The
+    # sandbox's exchange callback carries `referer=demo.amocrm.ru`, as amoCRM's does; the referer check
+    # compares it with the configured account host (AMO_DOMAIN), whatever URL that host is reached at.
     env += (f"\n# tests/test_systemd_real.py: amoCRM is the sandbox on the namespace's loopback\n"
             f"AMO_BASE_URL={SANDBOX}\nAMO_TEST_CACHE_SECONDS=0\n")
     files = {"amo-gateway.env": env, "vault-key": Fernet.generate_key().decode() + "\n",
@@ -214,7 +214,7 @@ def write_etc(work: Path, made: Secrets) -> None:
 def start_sandbox(machine: Machine, client_secret: str) -> None:
     argv = [sys.executable, "-m", "amo_gateway.sandbox", "--port", str(SANDBOX_PORT), "--client-id", CLIENT_ID,
             "--client-secret", client_secret, "--redirect-uri", f"{API}/callback", "--login", LOGIN,
-            "--api-key", API_KEY, "--no-referer", "--callback-delay", "0.05"]
+            "--api-key", API_KEY, "--callback-delay", "0.05"]
     machine.start_helper("sandbox", argv, python_for_helpers())
 
     def up() -> bool:
@@ -269,7 +269,10 @@ def test_exchange_callback_test_token_through_the_unit(deployment: Deployment, t
     record = deployment.connect()
     assert record["status"] == 200, record
     assert "AMO CRM successfully connected" in record["body"]
-    test = deployment.get("/test")
+    assert record["referer"] == "demo.amocrm.ru"  # sent as amoCRM sends it, and accepted
+    public = deployment.get("/test")
+    assert public.status == 200 and public.json()["status"] == "connected" and "account_id" not in public.json()
+    test = deployment.get("/test", deployment.admin)
     assert test.status == 200, test.body
     assert test.json()["status"] == "connected" and str(test.json()["account_id"]) == ACCOUNT
     token = deployment.get("/token", {"Authorization": f"Bearer {CONSUMER_TOKEN}"})
