@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     rotate.set_defaults(func=_rotate_key)
     restore = sub.add_parser("restore", parents=[common],
                              help="put a vault backup back; every refresh token in it is verified with amoCRM at once")
-    restore.add_argument("backup", type=Path, help="the backup file (a copy of vault.enc)")
+    restore.add_argument("backup", help="the backup file (a copy of vault.enc), or - to read it from standard input")
     restore.set_defaults(func=_restore)
     sub.add_parser("reencrypt", parents=[common],
                    help="re-encrypt the vault under the first key of the configured key ring "
@@ -160,11 +160,11 @@ def _restore(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     vault = _vault(settings)
-    backup = Vault(args.backup, vault.keys)
     try:
-        restored = backup.load()
+        blob = sys.stdin.buffer.read() if args.backup == "-" else Path(args.backup).read_bytes()
     except OSError as err:
         raise ConfigError(f"cannot read backup {args.backup}: {err.strerror or type(err).__name__}") from None
+    restored = vault.decode(blob)
     marked = mark_for_verification(restored, time.time())
     vault.update(lambda data: replace_accounts(data, restored))
     record_now(settings.vault_path, vault.keys, "vault.restored", accounts=len(restored.accounts), verifying=marked)

@@ -140,6 +140,10 @@ class Vault:
         self._known = (write_id, data.copy()) if write_id is not None else None
         return data
 
+    def decode(self, blob: bytes) -> VaultData:
+        """A vault file's bytes (a backup, say) decrypted with this vault's keys, without touching the file."""
+        return self._decrypt(_split(blob)[1])
+
     def _decrypt(self, token: bytes) -> VaultData:
         try:
             return VaultData.from_dict(json.loads(self.keys.decrypt(token)))

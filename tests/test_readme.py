@@ -88,7 +88,8 @@ def test_the_walkthrough_prints_what_the_readme_shows(tmp_path: Path) -> None:
     with _make_run(tmp_path) as port:
         marker = "@@step@@"
         script = "\n".join(f"{cmd}\necho {marker}" for cmd, _ in steps)
-        script = script.replace("127.0.0.1:8081", f"127.0.0.1:{port + 1}").replace("127.0.0.1:8080", f"127.0.0.1:{port}")
+        script = script.replace("127.0.0.1:8081", f"127.0.0.1:{port + 1}")
+        script = script.replace("127.0.0.1:8080", f"127.0.0.1:{port}")
         done = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60,
                               check=False, env=_env())
     outputs = done.stdout.split(f"{marker}\n")
