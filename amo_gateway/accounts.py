@@ -67,6 +67,16 @@ def _hostname(value: str) -> str:
     return host_of(value).rpartition("@")[2].split(":", 1)[0] if not host_of(value).startswith("[") else ""
 
 
+def account_hosts(account: Account, settings: Settings) -> frozenset[str]:
+    """Every name amoCRM may write the account's links on: the host called, `{sub}.{base domain}`, AMO_DOMAIN."""
+    hosts = {host_of(account.base_url)}
+    if account.subdomain:
+        hosts |= {f"{account.subdomain}.{base}".lower() for base in settings.allowed_base_domains}
+    if account.base_url.rstrip("/") == settings.account_base_url:
+        hosts |= configured_hosts(settings)
+    return frozenset(h for h in hosts if h)
+
+
 def multi_account(settings: Settings) -> bool:
     """True when callbacks may connect accounts beyond the configured one."""
     return settings.any_account or bool(settings.allowed_accounts)
