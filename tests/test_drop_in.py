@@ -154,6 +154,11 @@ def test_only_hrefs_on_the_account_host_under_the_api_move() -> None:
     assert moved["_links"]["ui"] == body["_links"]["ui"] and moved["_links"]["other"] == body["_links"]["other"]
     assert moved["note"] == body["note"]
     assert moved["items"][0]["href"] == "https://gw/a/accounts/demo/proxy/api/v4/x"
+    pretty = json.dumps({"a": "\u00e9", "_links": {"next": {"href": "https://demo.amocrm.ru/api/v4/leads?page=2\u0026x=1"}}},
+                        indent=2).replace("&", "\\u0026").encode()  # PHP-style escapes, pretty-printed
+    out = links.rewrite(pretty) or b""
+    assert out == pretty.replace(b'"https://demo.amocrm.ru/api/v4/leads?page=2\\u0026x=1"',
+                                 b'"https://gw/a/accounts/demo/proxy/api/v4/leads?page=2&x=1"')  # nothing else moved
     assert links.rewrite(b"<html>demo.amocrm.ru</html>") is None
     assert links.rewrite(b'{"_links": {"self": {"href": "https://other.host/api/v4/leads"}}}') is None
     assert [is_json(t) for t in ("application/hal+json", "application/json; charset=utf-8", "text/html", None)] == \
