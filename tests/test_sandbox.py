@@ -547,8 +547,8 @@ async def test_cleanup_cancels_pending_callbacks(aiohttp_server: ServerFactory) 
 def test_cli_flags_build_a_one_account_config() -> None:
     """The standalone CLI's flags become a one-account SandboxConfig."""
     args = parse_args(["--client-id", "X", "--client-secret", "Y", "--redirect-uri", "http://gw/cb",
-                       "--subdomain", "acme", "--access-ttl", "60"])
+                       "--subdomain", "acme", "--access-ttl", "60", "--seed-entities", "40"])
     config = config_from_args(args)
-    assert config.client_id == "X" and config.access_ttl == 60
+    assert config.client_id == "X" and config.access_ttl == 60 and config.seed_entities == 40
     assert config.accounts[0].subdomain == "acme" and config.accounts[0].account_id == 31920194
     assert config.accounts[0].users == {"demo@example.com": "sandbox-api-key"}
