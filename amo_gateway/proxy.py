@@ -1,5 +1,8 @@
 """The amoCRM API proxy: `{prefix}/proxy/{path}` forwarded to the account host with the current token injected.
 
+`{prefix}/accounts/{id or subdomain}/proxy/{path}` is the same proxy with the account named by the URL (a
+client library's base URL). In JSON answers, amoCRM's links are moved under the URL the caller used (links.py).
+
 Only amoCRM's API is forwarded, and only plain paths (proxy_paths.py); anything else is refused before
 any upstream call. Every upstream send passes the account's breaker and rate limiter. Bodies stream both
 ways; a request body up to RETRY_BUFFER bytes is held in memory so that it can be resent after a 401 (one
@@ -125,7 +128,7 @@ class Proxy:
         self.rewrite_cap = REWRITE_CAP  # JSON answers up to this size get their links rewritten (links.py)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        """Any method on `{prefix}/proxy/{path}`."""
+        """Any method on `{prefix}/proxy/{path}` or `{prefix}/accounts/{account}/proxy/{path}`."""
         consumer = self.auth.consumer_or_operator(request)
         target, named = self._target(request, consumer)
         account_id = await self._account(request, named)
