@@ -14,7 +14,14 @@ from typing import Any
 from cryptography.fernet import Fernet
 
 from amo_gateway import logs
-from amo_gateway.accounts import account_summary, account_url, amo_subdomain, configured_hosts, host_of
+from amo_gateway.accounts import (
+    account_subdomain,
+    account_summary,
+    account_url,
+    amo_subdomain,
+    configured_hosts,
+    host_of,
+)
 from amo_gateway.errors import ConfigError, GatewayError
 from amo_gateway.settings import Settings, load_settings
 from amo_gateway.tokens import Account, TokenPair, decode_claims
@@ -303,7 +310,7 @@ def _import_token(args: argparse.Namespace) -> int:
     base_url = _import_base_url(args.host, settings)
     pair = TokenPair(token, None, float(claims["exp"]), now)
     account = Account(account_id, base_url, pair, long_lived=True, api_domain=claims.get("api_domain"),
-                      subdomain=host_of(base_url).split(".", 1)[0], connected_at=now)
+                      subdomain=account_subdomain(base_url, settings), connected_at=now)
     _vault(settings).update(lambda data: data.accounts.__setitem__(account_id, account))
     print(f"stored a long-lived token for account {account_id} at {base_url}, expiring "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(pair.expires_at))}")

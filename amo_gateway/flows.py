@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
-from amo_gateway.accounts import DEFAULT_ACCOUNT, base_url_for_referer, select_account
+from amo_gateway.accounts import DEFAULT_ACCOUNT, account_subdomain, base_url_for_referer, select_account
 from amo_gateway.amo_client import AmoClient
 from amo_gateway.clock import Clock
 from amo_gateway.errors import (
@@ -200,9 +200,8 @@ class Flows:
         claims = decode_claims(pair.access_token)
         account_id = str(claims.get("account_id") or self.settings.account_id or DEFAULT_ACCOUNT)
         api_domain = claims.get("api_domain") or self.settings.api_domain
-        subdomain = base_url.split("//", 1)[-1].split(".", 1)[0] if "." in base_url else None
         return Account(account_id=account_id, base_url=base_url, api_domain=api_domain,
-                       subdomain=subdomain, connected_at=now).with_pair(pair)
+                       subdomain=account_subdomain(base_url, self.settings), connected_at=now).with_pair(pair)
 
 
 

@@ -18,6 +18,8 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get(f"{PREFIX}/accounts", views.accounts)
     # [\s\S], not `.`: a path holding an encoded newline must reach the proxy to be refused (and audited).
     app.router.add_route("*", PREFIX + r"/proxy/{path:[\s\S]*}", views.proxy)
+    # The per-account base URL: a library's base_url set here needs no header and no query of its own.
+    app.router.add_route("*", PREFIX + r"/accounts/{account}/proxy/{path:[\s\S]*}", views.proxy)
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
     app.router.add_get("/metrics", health.metrics)

@@ -150,7 +150,7 @@ async def accounts(request: web.Request) -> web.Response:
 
 
 async def proxy(request: web.Request) -> web.StreamResponse:
-    """ANY /proxy/{path}: amoCRM's API through the gateway's token, rate limit and breaker (see proxy.py)."""
+    """ANY /proxy/{path} and /accounts/{account}/proxy/{path}: amoCRM's API through the gateway (proxy.py)."""
     return await request.app[PROXY].handle(request)
 
 

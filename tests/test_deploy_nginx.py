@@ -57,6 +57,7 @@ ALLOW_LINE = "    # 203.0.113.0/24 1;\n"  # the one line an operator edits (READ
 OFFICE = "127.0.0.64/26"
 CONSUMER = {"Authorization": "Bearer consumer-secret-1"}  # tests/deploy_procs.py writes this consumer token
 INTERNAL = [("GET", "token"), ("GET", "accounts"), ("GET", "proxy/api/v4/account"), ("POST", "proxy/api/v4/leads"),
+            ("GET", "accounts/demo/proxy/api/v4/leads"), ("PATCH", "accounts/31920194/proxy/api/v4/leads"),
             ("POST", "exchange-api-key"), ("GET", "authorize"), ("GET", ""), ("GET", "anything-added-later")]
 
 
@@ -559,8 +560,8 @@ def test_encoded_separators_get_400_and_never_reach_the_gateway(stack: Stack, of
             assert _raw_request_line(port, target.encode(), source).startswith(b"HTTP/1.1 400 "), target
     status, _, _ = request(stack, "GET", f"{PREFIX}/test?x=%2f..%2F%5c%2e%00", source="127.0.0.7")
     assert status == 200
-    status, _, _ = request(stack, "GET", f"{PREFIX}/proxy/api/v4/leads?query=a%2Fb%2e.", headers=CONSUMER,
+    status, _, _ = request(stack, "GET", f"{PREFIX}/proxy/api/v4/echo?query=a%2Fb%2e.", headers=CONSUMER,
                            source="127.0.0.70", port=office)
     assert status == 200
     assert reached_paths(stack, "127.0.0.7", 1) == ["test"]
-    assert reached_paths(stack, "127.0.0.70", 1) == ["leads"]
+    assert reached_paths(stack, "127.0.0.70", 1) == ["echo"]
