@@ -33,6 +33,7 @@ _EN: Final[dict[str, str]] = {
     "last_error": "Last error",
     "why": "Why",
     "refreshing": "a refresh is in flight",
+    "fix_hint": "Press Reconnect and allow access in amoCRM's window (sign in there as an account administrator).",
     "none": "none",
     "in": "in {span}",
     "ago": "{span} ago",
@@ -91,6 +92,7 @@ _EN: Final[dict[str, str]] = {
     "reason_refresh_answer_lost": "A refresh was sent but its answer was lost (crash or timeout).",
     "reason_refresh_rejected": "amoCRM refused the refresh.",
     "reason_long_lived_expired": "The long-lived token has expired: import a new one.",
+    "reason_expired": "The long-lived token has expired: import a new one.",
 }
 
 _UK: Final[dict[str, str]] = {
@@ -120,6 +122,8 @@ _UK: Final[dict[str, str]] = {
     "last_error": "Остання помилка",
     "why": "Причина",
     "refreshing": "триває оновлення",
+    "fix_hint": "Натисніть «Перепідключити» й дозвольте доступ у вікні amoCRM (увійдіть там як адміністратор "
+                "акаунта).",
     "none": "немає",
     "in": "через {span}",
     "ago": "{span} тому",
@@ -179,6 +183,7 @@ _UK: Final[dict[str, str]] = {
     "reason_refresh_answer_lost": "Запит оновлення надіслано, але відповідь втрачено (збій або тайм-аут).",
     "reason_refresh_rejected": "amoCRM відмовив в оновленні.",
     "reason_long_lived_expired": "Довгостроковий токен сплив: імпортуйте новий.",
+    "reason_expired": "Довгостроковий токен сплив: імпортуйте новий.",
 }
 
 _TEXTS: Final = {"en": _EN, "uk": _UK}

@@ -108,15 +108,17 @@ def account_card(tx: Texts, csrf: str, summary: dict[str, Any]) -> str:
     tone, label = state_of(summary)
     account = str(summary["account_id"])
     host = _host(summary.get("host"))
-    facts = [(tx.t("access_expires"), _expiry(tx, summary)), (tx.t("refresh_age"), _age(tx, summary))]
     reason = summary.get("reason")
-    if reason:
-        facts.append((tx.t("why"), _reason(tx, str(reason))))
+    if tone == "red":  # the stored pair is dead: its expiry and age would only mislead
+        facts = [(tx.t("why"), _reason(tx, str(reason or summary.get("state"))))]
+    else:
+        facts = [(tx.t("access_expires"), _expiry(tx, summary)), (tx.t("refresh_age"), _age(tx, summary))]
     if summary.get("last_error") and summary["last_error"] != reason:
-        facts.append((tx.t("last_error"), h(summary["last_error"])))
+        facts.append((tx.t("last_error"), h(_clip(str(summary["last_error"]), 200))))
     if summary.get("refresh_in_flight"):
         facts.append(("", h(tx.t("refreshing"))))
     rows = "".join(f"<dt>{h(k)}</dt><dd>{v}</dd>" for k, v in facts)
+    hint = f'<p class="hint">{h(tx.t("fix_hint"))}</p>' if tone == "red" else ""
     reconnect = _post_form("connect", csrf, tx.t("reconnect"), cls="primary" if tone == "red" else "secondary",
                            popup=True, fields={"account": account})
     forget = _post_form("forget", csrf, tx.t("forget"), cls="link danger", fields={"account": account})
@@ -124,7 +126,7 @@ def account_card(tx: Texts, csrf: str, summary: dict[str, Any]) -> str:
             f'<div class="card-head"><span class="badge {tone}"><span class="dot" aria-hidden="true"></span>'
             f'{h(tx.t(label))}</span><h3>{h(host)}</h3>'
             f'<span class="muted">{h(tx.t("account_id"))} {h(account)}</span></div>'
-            f'<dl class="facts">{rows}</dl><div class="actions">{reconnect}{forget}</div></article>')
+            f'<dl class="facts">{rows}</dl>{hint}<div class="actions">{reconnect}{forget}</div></article>')
 
 
 def exchange_form(tx: Texts, csrf: str, *, open_: bool) -> str:
@@ -198,10 +200,14 @@ def _table_section(title: str, head: list[str], rows: list[list[Any]], empty: st
 
 def _details(record: dict[str, Any]) -> str:
     """The audit record's other plain fields as `key=value`; `*_hmac` digests are not for people."""
-    parts = (f"{k}={str(v)[:80]}" for k, v in record.items()
+    parts = (f"{k}={_clip(str(v))}" for k, v in record.items()
              if k not in ("ts", "event", "account") and not k.endswith("_hmac") and v is not None
              and isinstance(v, (str, int, float, bool)))
     return " ".join(parts)
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _text(value: object) -> str:
@@ -237,7 +243,7 @@ def _reason(tx: Texts, reason: str) -> str:
 
 
 _REASON_CODES = frozenset(f"reason_{c}" for c in
-                          ("token_revoked", "refresh_answer_lost", "refresh_rejected", "long_lived_expired"))
+                          ("token_revoked", "refresh_answer_lost", "refresh_rejected", "long_lived_expired", "expired"))
 
 
 def span(tx: Texts, seconds: float) -> str:

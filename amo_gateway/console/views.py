@@ -23,13 +23,17 @@ from amo_gateway.audit import read_lines
 from amo_gateway.console import pages, session
 from amo_gateway.console.i18n import Texts, choose_language
 from amo_gateway.errors import BadRequest, Forbidden, GatewayError
-from amo_gateway.inputs import ExchangeBody
+from amo_gateway.inputs import ExchangeBody, query_param
 from amo_gateway.typedefs import ALERT_HISTORY, AUDIT, CLOCK, FLOWS, REFRESHER, SETTINGS, STORE, TEST_CACHE
 
 COOKIE = "amo_console"
 LOGIN_COOKIE = "amo_console_login"
 AUDIT_ROWS = 25
 ALERT_ROWS = 25
+# The longest value each form field may have (as openapi.json says); anything longer is a 400, never cut.
+FIELD_LIMITS = {"csrf": 128, "token": 512, "login": 254, "api_key": 512, "account": 253, "confirmed": 1}
+_MAX_FIELD = 2048
+_MAX_PARAM = 64
 _CODE = re.compile(r"[a-z_]{1,40}")
 _ACCOUNT = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _NOTICES = ("connected", "exchange_requested", "forgotten", "logged_out")
@@ -187,14 +191,17 @@ def _key(request: web.Request) -> bytes | None:
 
 
 async def _guard(request: web.Request) -> MultiDictProxy[str]:
-    """The form of a state-changing request that passed the checks: same site, signed session, CSRF token."""
+    """The form of a state-changing request that passed the checks: same site, a CSRF token, a signed session,
+    and the token being that session's. Malformed or token-less posts are refused before the session is read."""
     if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
         raise Forbidden("the browser says this request came from another site", code="csrf_failed")
+    form = await _form(request)
+    if not form.get("csrf"):
+        raise Forbidden("the form carries no CSRF token; reload the console", code="csrf_failed")
     key = _key(request)
     found = session.verify(key, request.cookies.get(COOKIE), request.app[CLOCK].time()) if key else None
     if key is None or found is None:
         raise _back("notice", "session_expired")
-    form = await _form(request)
     if not session.csrf_ok(key, found.sid, form.get("csrf")):
         raise Forbidden("the form carries no valid CSRF token for this session; reload the console",
                         code="csrf_failed")
@@ -202,19 +209,20 @@ async def _guard(request: web.Request) -> MultiDictProxy[str]:
 
 
 async def _form(request: web.Request) -> MultiDictProxy[str]:
-    """The url-encoded form, text fields only (a file part is not a console field)."""
-    if request.content_type not in ("application/x-www-form-urlencoded", "multipart/form-data"):
-        raise BadRequest("the console takes HTML form posts", code="invalid_body")
-    posted = await request.post()
-    return MultiDictProxy(_text_fields(posted))
-
-
-def _text_fields(posted: MultiDictProxy[Any]) -> MultiDict[str]:
+    """The url-encoded form (what the console's forms send); oversized or repeated fields are refused."""
+    if request.content_type != "application/x-www-form-urlencoded":
+        raise BadRequest("the console takes HTML form posts (application/x-www-form-urlencoded)",
+                         code="invalid_body")
+    try:
+        posted = await request.post()
+    except ValueError:  # e.g. bytes that are not UTF-8
+        raise BadRequest("the form could not be decoded", code="invalid_body") from None
     fields: MultiDict[str] = MultiDict()
     for name, value in posted.items():
-        if isinstance(value, str) and len(value) <= 2048:
-            fields.add(name, value)
-    return fields
+        if not isinstance(value, str) or len(value) > FIELD_LIMITS.get(name, _MAX_FIELD) or name in fields:
+            raise BadRequest(f"form field {name[:64]!r} is repeated or too long", code="invalid_parameter")
+        fields.add(name, value)
+    return MultiDictProxy(fields)
 
 
 def _account_field(form: MultiDictProxy[str]) -> str | None:
@@ -242,16 +250,23 @@ def _set_cookie(request: web.Request, response: web.StreamResponse, name: str, v
 
 def _notice(request: web.Request, tx: Texts) -> tuple[str, str] | None:
     """The line a redirect asked for (`?notice=` or `?error=`), from known codes only."""
-    notice, error = request.query.get("notice", ""), request.query.get("error", "")
+    notice, error, during, account = (_short_param(request, name) for name in ("notice", "error", "during", "account"))
     if notice == "session_expired":
         return "error", tx.t("notice_session_expired")
     if notice in _NOTICES:
-        account = request.query.get("account", "")
         return "ok", tx.t(f"notice_{notice}", account=account if _ACCOUNT.fullmatch(account) else "")
     if _CODE.fullmatch(error):
         detail = tx.error(error)
-        return "error", tx.t("notice_connect_failed", detail=detail) if request.query.get("during") else detail
+        return "error", tx.t("notice_connect_failed", detail=detail) if during else detail
     return None
+
+
+def _short_param(request: web.Request, name: str) -> str:
+    """A status-line parameter: a short code (the pages only ever link with such), else a 400."""
+    value = query_param(request, name) or ""
+    if len(value) > _MAX_PARAM:
+        raise BadRequest(f"query parameter {name!r} is too long", code="invalid_parameter")
+    return value
 
 
 def _back(kind: str, code: str) -> web.HTTPSeeOther:
