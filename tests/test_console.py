@@ -13,7 +13,7 @@ from aiohttp import ClientResponse
 from amo_gateway.console import session
 from amo_gateway.console.i18n import choose_language
 from amo_gateway.console.pages import state_of
-from amo_gateway.typedefs import ALERT_HISTORY, STORE
+from amo_gateway.typedefs import ALERT_HISTORY, AUDIT, STORE
 from tests.conftest import API_KEY, LOGIN, FakeClock, Rig, RigFactory
 
 CONSOLE = "/api/v1/integrations/amo-crm/console"
@@ -316,3 +316,16 @@ async def test_static_files_are_served(rig: Rig, path: str) -> None:
     resp = await rig.client.get(f"{CONSOLE}/static/{path}")
     assert resp.status == 200 and resp.headers["X-Content-Type-Options"] == "nosniff"
     assert (await rig.client.get(f"{CONSOLE}/static/other.js")).status == 404
+
+
+async def test_audit_panel_reads_only_the_trails_tail(rig: Rig) -> None:
+    """A long trail is not read whole: the panel shows its newest events (newest first), from the tail."""
+    await sign_in(rig)
+    path = rig.app[AUDIT].path
+    await rig.app[AUDIT].flush()
+    old = "".join(f'{{"ts":"2026-01-01T00:00:00.000Z","event":"old.event","n":{i}}}\n' for i in range(5000))
+    with path.open("a", encoding="utf-8") as trail:
+        trail.write(old + '{"ts":"2026-01-02T00:00:00.000Z","event":"newest.event"}\n')
+    html = await (await rig.client.get(CONSOLE)).text()
+    assert html.index("newest.event") < html.index("old.event")
+    assert "n=4999" in html and "n=0<" not in html

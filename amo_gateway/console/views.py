@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 from importlib import resources
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -19,7 +21,6 @@ from aiohttp import web
 from multidict import MultiDict, MultiDictProxy
 
 from amo_gateway.accounts import account_summary, select_account
-from amo_gateway.audit import read_lines
 from amo_gateway.console import pages, session
 from amo_gateway.console.i18n import Texts, choose_language
 from amo_gateway.errors import BadRequest, Forbidden, GatewayError
@@ -291,7 +292,8 @@ async def _alerts(request: web.Request) -> list[dict[str, Any]] | None:
 
 
 async def _audit(request: web.Request) -> list[dict[str, Any]]:
-    lines = await asyncio.to_thread(read_lines, request.app[AUDIT].path, 200)
+    """The trail's last records, newest first; only its tail is read (the file only grows)."""
+    lines = await asyncio.to_thread(_tail, request.app[AUDIT].path, _TAIL_BYTES)
     records = []
     for line in lines:
         try:
@@ -301,3 +303,19 @@ async def _audit(request: web.Request) -> list[dict[str, Any]]:
         if isinstance(record, dict):
             records.append(record)
     return pages.rows_newest_first(records, AUDIT_ROWS)
+
+
+_TAIL_BYTES = 64 * 1024
+
+
+def _tail(path: Path, size: int) -> list[str]:
+    """Blocking: the complete lines within the last `size` bytes of the file ([] when it does not exist)."""
+    try:
+        with path.open("rb") as file:
+            start = max(file.seek(0, os.SEEK_END) - size, 0)
+            file.seek(start)
+            data = file.read()
+    except FileNotFoundError:
+        return []
+    lines = data.decode("utf-8", "replace").splitlines()
+    return lines[1:] if start else lines  # the first line may be cut in the middle
