@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install lock run test check lint typecheck evidence soak bench clean clean-dev nginx-available systemd-available
+.PHONY: install lock run test check lint typecheck evidence soak bench clean clean-dev nginx-available systemd-available chromium-available
 
 install: $(STAMP)
 
@@ -25,7 +25,7 @@ lock: install
 run: install
 	$(BIN)/amo-gateway serve --config config.yaml --sandbox
 
-test: install nginx-available systemd-available
+test: install nginx-available systemd-available chromium-available
 	$(BIN)/python -m pytest -q -m "not evidence"
 
 # The deployment tests run Debian's nginx for real; installed here (apt-get) when missing.
@@ -37,6 +37,10 @@ nginx-available:
 # still cannot run fails instead of skipping.
 systemd-available:
 	@bash scripts/ensure-systemd.sh
+
+# The console's browser test drives Debian's chromium (never a downloaded browser); installed here when missing.
+chromium-available:
+	@bash scripts/ensure-chromium.sh
 
 lint: install
 	$(BIN)/ruff check amo_gateway tests scripts

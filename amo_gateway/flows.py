@@ -83,12 +83,12 @@ class Flows:
             raise
         event(log, "exchange.requested", login=login, label=label, state_fp=fingerprint(state))
 
-    async def authorize_url(self, label: str | None) -> str:
-        """A consent-page URL carrying a fresh single-use state."""
+    async def authorize_url(self, label: str | None, *, popup: bool = False) -> str:
+        """A consent-page URL carrying a fresh single-use state (`popup`: for the console's consent window)."""
         self.settings.require("client_id")
         state = secrets.token_urlsafe(32)
         now = self.clock.time()
-        pending = PendingState("authorize", now, now + self.settings.state_ttl, label)
+        pending = PendingState("console" if popup else "authorize", now, now + self.settings.state_ttl, label)
         await self.store.update(lambda data: _add_state(data, _digest(state), pending, now))
         query = urlencode({"client_id": self.settings.client_id, "state": state, "mode": "post_message"})
         return f"{self.settings.auth_url}?{query}"
@@ -111,6 +111,13 @@ class Flows:
         event(log, "callback.connected", account=account.account_id, from_exchange=exchange, label=label,
               refresh_fp=fingerprint(pair.refresh_token))
         return Connected(account.account_id, exchange, label, pair.expires_at)
+
+    async def for_popup(self, state: str | None) -> bool:
+        """True when `state` is a live state the console issued for its consent popup (nothing is consumed)."""
+        if state is None:
+            return False
+        found = (await self.store.snapshot(recheck=True)).states.get(_digest(state))
+        return found is not None and found.purpose == "console" and found.expires_at > self.clock.time()
 
     async def disconnect(self, account_id: str, client_uuid: str, signature: str, *,
                          pace: Pacer | None = None) -> bool:

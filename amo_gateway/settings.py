@@ -87,6 +87,7 @@ class Settings(BaseModel):
     log_format: str = Field(default="json", pattern="^(json|logfmt)$")
     log_level: str = "INFO"
     max_body_bytes: int = Field(default=16 * 1024, gt=0)
+    console_session_hours: float = Field(default=8.0, gt=0, le=720)  # the operator console's sign-in lifetime
 
     @field_validator("trusted_proxies", "allowed_base_domains", "allowed_accounts", "proxy_paths", mode="before")
     @classmethod

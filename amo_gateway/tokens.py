@@ -100,7 +100,9 @@ class Account:
 class PendingState:
     """A `state` the gateway issued and will accept once on the callback."""
 
-    purpose: Literal["exchange", "authorize"]
+    # "console": issued for the operator console's consent popup, so the callback answers the popup with a page
+    # (an older release reading it treats it as "authorize": the vault stays readable on a rollback)
+    purpose: Literal["exchange", "authorize", "console"]
     created_at: float
     expires_at: float
     label: str | None = None

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 import aiohttp
 from aiohttp import web
 
@@ -29,3 +32,9 @@ TEST_CACHE = web.AppKey("test_cache", TestCache)
 METRICS = web.AppKey("metrics", Metrics)
 AUDIT = web.AppKey("audit", AuditLog)
 PROXY = web.AppKey("proxy", Proxy)
+
+# The alerts sent, newest last, for the console's "alerts sent" panel: `await history(account_id or None)` gives
+# dicts with the alert body's fields (`event`, `account_id`, `subdomain`, `reason`, `at`) and a delivery
+# `status`. Set by the alert outbox when there is one; the console says "no alerts recorded" without it.
+AlertHistory = Callable[[str | None], Awaitable[list[dict[str, Any]]]]
+ALERT_HISTORY: web.AppKey[AlertHistory] = web.AppKey("alert_history")

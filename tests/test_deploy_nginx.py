@@ -21,6 +21,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import urllib.parse
 import urllib.request
 import warnings
 from collections.abc import Callable, Iterator
@@ -58,7 +59,9 @@ OFFICE = "127.0.0.64/26"
 CONSUMER = {"Authorization": "Bearer consumer-secret-1"}  # tests/deploy_procs.py writes this consumer token
 INTERNAL = [("GET", "token"), ("GET", "accounts"), ("GET", "proxy/api/v4/account"), ("POST", "proxy/api/v4/leads"),
             ("GET", "accounts/demo/proxy/api/v4/leads"), ("PATCH", "accounts/31920194/proxy/api/v4/leads"),
-            ("POST", "exchange-api-key"), ("GET", "authorize"), ("GET", ""), ("GET", "anything-added-later")]
+            ("POST", "exchange-api-key"), ("GET", "authorize"), ("GET", ""), ("GET", "anything-added-later"),
+            ("GET", "console"), ("POST", "console/login"), ("POST", "console/connect"),
+            ("GET", "console/static/console.js")]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -191,7 +194,10 @@ def request(stack: Stack, method: str, path: str, *, headers: dict[str, str] | N
     try:
         conn.request(method, path, body=body, headers=headers or {})
         resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+        headers: dict[str, str] = {}
+        for name, value in resp.getheaders():  # a repeated header (Set-Cookie) keeps every value, comma-joined
+            headers[name.lower()] = f"{headers[name.lower()]}, {value}" if name.lower() in headers else value
+        return resp.status, headers, resp.read()
     finally:
         conn.close()
 
@@ -467,6 +473,31 @@ def test_the_one_allow_line_opens_the_internal_endpoints_to_the_office_only(stac
     _refused(stack, "127.0.0.128", office)
     assert request(stack, "GET", f"{PREFIX}/callback", source="127.0.0.128", port=office)[0] == 400
     assert reached_paths(stack, "127.0.0.128", 1) == ["callback"]
+
+
+def test_the_console_works_from_the_office_over_tls(stack: Stack, office: int) -> None:
+    """From an allowed address, through nginx over TLS: the console's sign-in form, then a session whose
+    cookie is Secure (nginx says the browser came over HTTPS) and HttpOnly, then the dashboard."""
+    def get(path: str, cookie: str = "") -> tuple[int, dict[str, str], bytes]:
+        return request(stack, "GET", f"{PREFIX}/{path}", headers={"Cookie": cookie} if cookie else {},
+                       source="127.0.0.65", port=office)
+
+    status, headers, body = get("console")
+    assert status == 200 and headers["content-type"].startswith("text/html"), body
+    assert "frame-ancestors 'none'" in headers["content-security-policy"]
+    login_cookie = headers["set-cookie"].split(";", 1)[0]
+    assert "Secure" in headers["set-cookie"]
+    csrf = body.decode().split('name="csrf" value="', 1)[1].split('"', 1)[0]
+    form = urllib.parse.urlencode({"csrf": csrf, "token": stack.credentials.admin_token}).encode()
+    status, headers, _ = request(stack, "POST", f"{PREFIX}/console/login", body=form, source="127.0.0.65",
+                                 port=office, headers={"Cookie": login_cookie,
+                                                       "Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 303
+    session = next(c for c in headers["set-cookie"].split(", ") if c.startswith("amo_console="))
+    assert "Secure" in session and "HttpOnly" in session and "SameSite=Strict" in session
+    status, _, body = get("console", session.split(";", 1)[0])
+    assert status == 200 and b"/console/logout" in body
+    assert stack.credentials.admin_token.encode() not in body
 
 
 class _Echo(BaseHTTPRequestHandler):
