@@ -142,8 +142,8 @@ class Flows:
                 return None
             raise InvalidState("the callback has no state (widget installs are not enabled)", code="missing_state")
         found = (await self.store.snapshot()).states.get(_digest(state))
-        if found is None:  # issued by another process a moment ago? the snapshot may not show it yet
-            found = (await self.store.reload()).states.get(_digest(state))
+        if found is None:  # issued by another process a moment ago? only a changed file is read again,
+            found = (await self.store.snapshot(recheck=True)).states.get(_digest(state))  # so misses stay cheap
         if found is None or found.expires_at <= self.clock.time():
             raise InvalidState("the state is unknown, expired or already used")
         return found
