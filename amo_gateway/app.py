@@ -13,6 +13,7 @@ from aiohttp.abc import AbstractResolver
 
 from amo_gateway.amo_client import AmoClient
 from amo_gateway.audit import AuditLog, audit_ctx_body, audit_key, audit_path
+from amo_gateway.audit_file import audit_rotation
 from amo_gateway.auth import Authenticator
 from amo_gateway.cache import TestCache
 from amo_gateway.clock import Clock, SystemClock
@@ -63,7 +64,8 @@ def create_app(settings: Settings, *, clock: Clock | None = None, keys: KeyRing 
     app.cleanup_ctx.append(_vault_ctx(Vault(settings.vault_path, keyring), None if keys else key_source))
     app.cleanup_ctx.append(_http_ctx(resolver))
     app[METRICS] = Metrics()
-    app[AUDIT] = AuditLog(audit_path(settings.vault_path), audit_key(keyring))
+    app[AUDIT] = AuditLog(audit_path(settings.vault_path), audit_key(keyring), rotation=audit_rotation(settings),
+                          merge_seconds=settings.audit_merge_seconds)
     app.cleanup_ctx.append(_audit_ctx)
     app.cleanup_ctx.append(_services_ctx)
     app.cleanup_ctx.append(_proxy_ctx(resolver))

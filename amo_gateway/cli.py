@@ -111,8 +111,9 @@ def _rotate_key(args: argparse.Namespace) -> int:
     write_key_file(key_file, new_keys)  # lists the old keys too: a crash before the next line loses nothing
     vault.reencrypt(new_keys)
     from amo_gateway.audit import record_now
+    from amo_gateway.audit_file import audit_rotation
 
-    record_now(settings.vault_path, new_keys, "key.rotated", key_count=len(new_keys.keys))
+    record_now(settings.vault_path, new_keys, "key.rotated", audit_rotation(settings), key_count=len(new_keys.keys))
     print(f"vault re-encrypted under a new primary key; {key_file} now lists {len(new_keys.keys)} keys "
           "(restart the service so it loads them)")
     return 0

@@ -113,7 +113,6 @@ class Flows:
         expected = hmac.new(secret.encode(), f"{client_uuid}|{account_id}".encode(), hashlib.sha256).hexdigest()
         same_client = hmac.compare_digest(client_uuid.encode(), (self.settings.client_id or "").encode())
         if not (secret and same_client and hmac.compare_digest(expected.encode(), signature.lower().encode())):
-            event(log, "disconnect.refused", level=logging.WARNING, account=account_id)
             raise Forbidden("the disconnect signature does not verify", code="invalid_signature")
         removed = await self.store.update(lambda data: _forget(data, account_id))
         event(log, "disconnect.accepted", account=account_id, had_tokens=removed)

@@ -72,6 +72,9 @@ class Settings(BaseModel):
     log_format: str = Field(default="json", pattern="^(json|logfmt)$")
     log_level: str = "INFO"
     max_body_bytes: int = Field(default=16 * 1024, gt=0)
+    audit_max_bytes: int = Field(default=10 * 1024 * 1024, ge=4096)
+    audit_backups: int = Field(default=5, ge=0)
+    audit_merge_seconds: float = Field(default=60.0, ge=0)
 
     @field_validator("trusted_proxies", "allowed_base_domains", "allowed_accounts", mode="before")
     @classmethod
