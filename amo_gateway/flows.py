@@ -100,7 +100,8 @@ class Flows:
         body = await self.client.token_from_code(base_url, code, time_limit=CALLBACK_TOKEN_TIMEOUT)
         pair = pair_from_response(body, now)
         account = self._account_for(pair, base_url, now)
-        await self.store.update(lambda data: data.accounts.__setitem__(account.account_id, account))
+        await self.store.update(lambda data: data.accounts.__setitem__(account.account_id, account),
+                                spend_reserve=True)  # the code is spent: its pair must land
         exchange = from_exchange or (pending is not None and pending.purpose == "exchange")
         label = pending.label if pending else None
         event(log, "callback.connected", account=account.account_id, from_exchange=exchange, label=label,
