@@ -72,6 +72,9 @@ class Settings(BaseModel):
     log_format: str = Field(default="json", pattern="^(json|logfmt)$")
     log_level: str = "INFO"
     max_body_bytes: int = Field(default=16 * 1024, gt=0)
+    max_connections: int = Field(default=1024, gt=0)
+    header_timeout: float = Field(default=10.0, gt=0)
+    keepalive_timeout: float = Field(default=75.0, gt=0)  # longer than nginx's upstream keepalive_timeout (60 s)
     audit_max_bytes: int = Field(default=10 * 1024 * 1024, ge=4096)
     audit_backups: int = Field(default=5, ge=0)
     audit_merge_seconds: float = Field(default=60.0, ge=0)
