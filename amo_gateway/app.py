@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
@@ -85,6 +86,8 @@ def _vault_ctx(vault: Vault, key_source: Callable[[], KeyRing] | None):  # type:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         """Open the vault: a file that does not decrypt stops start-up here and is left untouched."""
         await asyncio.to_thread(vault.prepare)
+        with contextlib.suppress(OSError):  # made early, while there is room; every claim insists on it
+            await asyncio.to_thread(vault.reserve.ensure)  # (headroom.py); the CLI, maybe root, never makes it
         store = Store(vault, key_source)
         await store.reload()
         app[STORE] = store

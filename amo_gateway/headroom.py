@@ -48,7 +48,11 @@ class Reserve:
                 return
         except FileNotFoundError:
             pass
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
+        except PermissionError:  # left by another user (a root CLI run): the directory is ours, so is the name
+            os.unlink(self.path)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.posix_fallocate(fd, 0, need)  # blocks, not a sparse size: the room must really be ours
             os.fsync(fd)

@@ -25,8 +25,10 @@ from amo_gateway.errors import (
     UpstreamNotFound,
     UpstreamRejected,
     UpstreamUnauthorized,
+    VaultError,
     VaultFull,
 )
+from amo_gateway.headroom import no_room
 from amo_gateway.locks import RefreshLocks
 from amo_gateway.logs import event
 from amo_gateway.store import Store
@@ -49,7 +51,7 @@ BATCH_CONCURRENCY = 16
 
 @dataclass(frozen=True)
 class Outcome:
-    """What one refresh attempt came to: refreshed, skipped, transient, reauth or refused_disk_full."""
+    """What one refresh attempt came to: refreshed, skipped, transient, reauth, or refused_… (nothing sent)."""
 
     account_id: str
     result: str
@@ -159,12 +161,20 @@ class TokenManager:
         try:
             return await self.store.update(lambda data: _claim(data, account_ids, now, self.margin, seen), claim=True)
         except OSError as err:
-            event(log, "refresh.refused_disk_full", level=logging.ERROR, accounts=",".join(account_ids),
-                  error=err.strerror, vault=str(self.store.vault.path))
-            for account_id in account_ids:  # counted in /metrics (amo_gateway_refreshes) and the audit trail
-                self._report(Outcome(account_id, "refused_disk_full"))
-            raise VaultFull("the vault's disk has no room to store a refreshed pair: the refresh was not sent to"
-                            " amoCRM and the current pair is kept; free some space") from err
+            raise self._refused(account_ids, err) from err
+
+    def _refused(self, account_ids: list[str], err: OSError) -> VaultError:
+        """Say that no refresh was sent and why (log, /metrics, audit trail); the error for the caller."""
+        result = "refused_disk_full" if no_room(err) else "refused_vault_unwritable"
+        event(log, f"refresh.{result}", level=logging.ERROR, accounts=",".join(account_ids), error=err.strerror,
+              vault=str(self.store.vault.path))
+        for account_id in account_ids:
+            self._report(Outcome(account_id, result))
+        if no_room(err):
+            return VaultFull("the vault's disk has no room to store a refreshed pair: the refresh was not sent"
+                             " to amoCRM and the current pair is kept; free some space")
+        return VaultError(f"the vault could not be written ({err.strerror}): the refresh was not sent to amoCRM"
+                          " and the current pair is kept")
 
     async def _attempt(self, account: Account, previous: InFlight | None) -> Outcome:
         """Spend the refresh token once; follow an account move; never write the vault here."""

@@ -105,8 +105,6 @@ class Vault:
         with self.locked():
             for leftover in directory.glob(self.path.name + ".tmp-*"):
                 leftover.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):  # made early while there is room; a claim insists on it (headroom.py)
-                self.reserve.ensure()
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
