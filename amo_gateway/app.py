@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
@@ -13,9 +14,11 @@ from aiohttp.abc import AbstractResolver
 
 from amo_gateway.amo_client import AmoClient
 from amo_gateway.audit import AuditLog, audit_ctx_body, audit_key, audit_path
+from amo_gateway.audit_file import audit_rotation
 from amo_gateway.auth import Authenticator
 from amo_gateway.cache import TestCache
 from amo_gateway.clock import Clock, SystemClock
+from amo_gateway.connections import ConnectionGuard, descriptor_cap
 from amo_gateway.flows import Flows
 from amo_gateway.forwarded import setup_forwarded
 from amo_gateway.locks import RefreshLocks
@@ -32,6 +35,7 @@ from amo_gateway.typedefs import (
     AUDIT,
     AUTH,
     CLOCK,
+    CONNECTIONS,
     FLOWS,
     HTTP_SESSION,
     MANAGER,
@@ -50,7 +54,10 @@ log = logging.getLogger("amo_gateway.app")
 def create_app(settings: Settings, *, clock: Clock | None = None, keys: KeyRing | None = None,
                run_refresher: bool = True, resolver: AbstractResolver | None = None) -> web.Application:
     """The gateway app; `clock`, `keys` and the DNS `resolver` are parameters so tests hand in their own."""
-    app = web.Application(middlewares=[errors_middleware], client_max_size=settings.max_body_bytes)
+    metrics = Metrics()
+    guard = ConnectionGuard(descriptor_cap(settings.max_connections), settings.header_timeout, metrics)
+    app = web.Application(middlewares=[guard.middleware, errors_middleware], client_max_size=settings.max_body_bytes)
+    app[CONNECTIONS] = guard
     app[SETTINGS] = settings
     app[CLOCK] = clock or SystemClock()
     app[AUTH] = Authenticator.from_settings(settings)
@@ -62,8 +69,9 @@ def create_app(settings: Settings, *, clock: Clock | None = None, keys: KeyRing 
     keyring = keys or key_source()
     app.cleanup_ctx.append(_vault_ctx(Vault(settings.vault_path, keyring), None if keys else key_source))
     app.cleanup_ctx.append(_http_ctx(resolver))
-    app[METRICS] = Metrics()
-    app[AUDIT] = AuditLog(audit_path(settings.vault_path), audit_key(keyring))
+    app[METRICS] = metrics
+    app[AUDIT] = AuditLog(audit_path(settings.vault_path), audit_key(keyring), rotation=audit_rotation(settings),
+                          merge_seconds=settings.audit_merge_seconds)
     app.cleanup_ctx.append(_audit_ctx)
     app.cleanup_ctx.append(_services_ctx)
     app.cleanup_ctx.append(_proxy_ctx(resolver))
@@ -78,6 +86,8 @@ def _vault_ctx(vault: Vault, key_source: Callable[[], KeyRing] | None):  # type:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         """Open the vault: a file that does not decrypt stops start-up here and is left untouched."""
         await asyncio.to_thread(vault.prepare)
+        with contextlib.suppress(OSError):  # made early, while there is room; every claim insists on it
+            await asyncio.to_thread(vault.reserve.ensure)  # (headroom.py); the CLI, maybe root, never makes it
         store = Store(vault, key_source)
         await store.reload()
         app[STORE] = store

@@ -147,8 +147,10 @@ def _rotate_key(args: argparse.Namespace) -> int:
         Vault(settings.vault_path, new_keys).read()  # the vault opens with the new key alone before the rest go
         write_key_file(key_file, new_keys)
     from amo_gateway.audit import record_now
+    from amo_gateway.audit_file import audit_rotation
 
-    record_now(settings.vault_path, new_keys, "key.rotated", key_count=len(new_keys.keys), dropped_old=args.drop_old)
+    record_now(settings.vault_path, new_keys, "key.rotated", audit_rotation(settings), key_count=len(new_keys.keys),
+               dropped_old=args.drop_old)
     print(f"vault re-encrypted under a new primary key; {key_file} now lists {len(new_keys.keys)} "
           f"key{'s' if len(new_keys.keys) > 1 else ''} (restart the service so it loads them; copy the key file "
           "to wherever the off-site backup of the key lives)")
@@ -163,6 +165,7 @@ def _restore(args: argparse.Namespace) -> int:
     truth within seconds, instead of at the next scheduled refresh hours later.
     """
     from amo_gateway.audit import record_now
+    from amo_gateway.audit_file import audit_rotation
     from amo_gateway.restore import mark_for_verification, replace_accounts
 
     settings = _settings(args)
@@ -174,7 +177,8 @@ def _restore(args: argparse.Namespace) -> int:
     restored = vault.decode(blob)
     marked = mark_for_verification(restored, time.time())
     vault.update(lambda data: replace_accounts(data, restored))
-    record_now(settings.vault_path, vault.keys, "vault.restored", accounts=len(restored.accounts), verifying=marked)
+    record_now(settings.vault_path, vault.keys, "vault.restored", audit_rotation(settings),
+               accounts=len(restored.accounts), verifying=marked)
     print(f"restored {len(restored.accounts)} account(s) from {args.backup}; {marked} refresh token(s) are "
           "verified with amoCRM at once (within seconds if the service runs, else at its start). One that amoCRM "
           "already spent turns its account to reauth_required (token_revoked): reconnect it then "
@@ -189,8 +193,10 @@ def _reencrypt(args: argparse.Namespace) -> int:
     vault.read()  # proves the ring still decrypts the vault before it is rewritten
     vault.reencrypt(vault.keys)
     from amo_gateway.audit import record_now
+    from amo_gateway.audit_file import audit_rotation
 
-    record_now(settings.vault_path, vault.keys, "key.rotated", key_count=len(vault.keys.keys))
+    record_now(settings.vault_path, vault.keys, "key.rotated", audit_rotation(settings),
+               key_count=len(vault.keys.keys))
     print(f"vault re-encrypted under the first of {len(vault.keys.keys)} keys")
     return 0
 

@@ -3,7 +3,8 @@
     GatewayError
     ├── ConfigError               settings missing or invalid (start-up stops)
     ├── VaultError                the vault cannot be read or written
-    │   └── VaultUndecryptable    wrong key, tampered or truncated file: never overwritten
+    │   ├── VaultUndecryptable    wrong key, tampered or truncated file: never overwritten
+    │   └── VaultFull             no room on the vault's disk: a refresh is refused before it is sent
     ├── RequestRejected           the caller's input or credentials are wrong (4xx)
     │   ├── BadRequest
     │   ├── Unauthorized
@@ -58,6 +59,10 @@ class VaultError(GatewayError):
 
 class VaultUndecryptable(VaultError):
     code = "vault_undecryptable"
+
+
+class VaultFull(VaultError):
+    code = "vault_disk_full"
 
 
 class RequestRejected(GatewayError):

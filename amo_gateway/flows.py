@@ -105,7 +105,8 @@ class Flows:
         body = await self.client.token_from_code(base_url, code, time_limit=CALLBACK_TOKEN_TIMEOUT)
         pair = pair_from_response(body, now)
         account = self._account_for(pair, base_url, now)
-        await self.store.update(lambda data: data.accounts.__setitem__(account.account_id, account))
+        await self.store.update(lambda data: data.accounts.__setitem__(account.account_id, account),
+                                spend_reserve=True)  # the code is spent: its pair must land
         exchange = from_exchange or (pending is not None and pending.purpose == "exchange")
         label = pending.label if pending else None
         event(log, "callback.connected", account=account.account_id, from_exchange=exchange, label=label,
@@ -131,7 +132,6 @@ class Flows:
         expected = hmac.new(secret.encode(), f"{client_uuid}|{account_id}".encode(), hashlib.sha256).hexdigest()
         same_client = hmac.compare_digest(client_uuid.encode(), (self.settings.client_id or "").encode())
         if not (secret and same_client and hmac.compare_digest(expected.encode(), signature.lower().encode())):
-            event(log, "disconnect.refused", level=logging.WARNING, account=account_id)
             raise Forbidden("the disconnect signature does not verify", code="invalid_signature")
         account = await self.store.account(account_id)
         if account is not None and account.tokens is not None and account.status == CONNECTED:
@@ -178,8 +178,8 @@ class Flows:
                 return None
             raise InvalidState("the callback has no state (widget installs are not enabled)", code="missing_state")
         found = (await self.store.snapshot()).states.get(_digest(state))
-        if found is None:  # issued by another process a moment ago? the snapshot may not show it yet
-            found = (await self.store.reload()).states.get(_digest(state))
+        if found is None:  # issued by another process a moment ago? only a changed file is read again,
+            found = (await self.store.snapshot(recheck=True)).states.get(_digest(state))  # so misses stay cheap
         if found is None or found.expires_at <= self.clock.time():
             raise InvalidState("the state is unknown, expired or already used")
         return found

@@ -25,7 +25,10 @@ from amo_gateway.errors import (
     UpstreamNotFound,
     UpstreamRejected,
     UpstreamUnauthorized,
+    VaultError,
+    VaultFull,
 )
+from amo_gateway.headroom import no_room
 from amo_gateway.locks import RefreshLocks
 from amo_gateway.logs import event
 from amo_gateway.settings import DEFAULT_BASE_DOMAINS
@@ -49,7 +52,7 @@ BATCH_CONCURRENCY = 16
 
 @dataclass(frozen=True)
 class Outcome:
-    """What one refresh attempt came to: refreshed, skipped, transient or reauth."""
+    """What one refresh attempt came to: refreshed, skipped, transient, reauth, or refused_… (nothing sent)."""
 
     account_id: str
     result: str
@@ -144,7 +147,7 @@ class TokenManager:
     async def _claimed_run(self, account_ids: list[str], seen: str | None) -> list[Outcome]:
         """Claim (one write), call amoCRM (bounded concurrency), store every result (one write)."""
         now = self.clock.time()
-        claims = await self.store.update(lambda data: _claim(data, account_ids, now, self.margin, seen))
+        claims = await self._claim(account_ids, now, seen)
         gate = asyncio.Semaphore(BATCH_CONCURRENCY)
 
         async def one(claim: tuple[Account, InFlight | None]) -> Outcome:
@@ -152,13 +155,33 @@ class TokenManager:
                 return await self._attempt(*claim)
 
         attempts = list(await asyncio.gather(*(one(c) for c in claims)))
-        stored = await self.store.update(lambda data: _apply(data, attempts)) if attempts else {}
+        stored = await self.store.update(lambda data: _apply(data, attempts), spend_reserve=True) if attempts else {}
         outcomes = [replace(o, account=stored.get(o.account_id)) for o in attempts]
         unclaimed = {c[0].account_id for c in claims}
         outcomes += [Outcome(a, "skipped", await self.store.account(a)) for a in account_ids if a not in unclaimed]
         for outcome in outcomes:
             self._report(outcome)
         return outcomes
+
+    async def _claim(self, account_ids: list[str], now: float, seen: str | None) -> list[Claim]:
+        """Mark the refreshes in flight; a disk without room for their results refuses them before any send."""
+        try:
+            return await self.store.update(lambda data: _claim(data, account_ids, now, self.margin, seen), claim=True)
+        except OSError as err:
+            raise self._refused(account_ids, err) from err
+
+    def _refused(self, account_ids: list[str], err: OSError) -> VaultError:
+        """Say that no refresh was sent and why (log, /metrics, audit trail); the error for the caller."""
+        result = "refused_disk_full" if no_room(err) else "refused_vault_unwritable"
+        event(log, f"refresh.{result}", level=logging.ERROR, accounts=",".join(account_ids), error=err.strerror,
+              vault=str(self.store.vault.path))
+        for account_id in account_ids:
+            self._report(Outcome(account_id, result))
+        if no_room(err):
+            return VaultFull("the vault's disk has no room to store a refreshed pair: the refresh was not sent"
+                             " to amoCRM and the current pair is kept; free some space")
+        return VaultError(f"the vault could not be written ({err.strerror}): the refresh was not sent to amoCRM"
+                          " and the current pair is kept")
 
     async def _attempt(self, account: Account, previous: InFlight | None) -> Outcome:
         """Spend the refresh token once; follow an account move; never write the vault here."""

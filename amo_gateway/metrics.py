@@ -49,6 +49,14 @@ class Metrics:
                                         ["account", "cause"], registry=r)
         self.queue_depth = Gauge("amo_gateway_ratelimit_queue_depth", "Callers waiting for the account's rate limit",
                                  ["account"], registry=r)
+        self.connections_open = Gauge("amo_gateway_connections_open", "Client connections open on the listener",
+                                      registry=r)
+        self.connections_closed = Counter("amo_gateway_connections_closed",
+                                          "Connections the gateway closed itself: header_timeout, evicted (idle,"
+                                          " to make room under the cap), refused (over the cap, all busy)",
+                                          ["reason"], registry=r)
+        self.accept_errors = Counter("amo_gateway_accept_errors", "accept() failures (out of file descriptors)",
+                                     registry=r)
         self.breaker_state = Gauge("amo_gateway_breaker_state", "Proxy circuit breaker: 0 closed, 1 half-open, 2 open",
                                    ["account"], registry=r)
 

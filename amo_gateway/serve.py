@@ -13,10 +13,12 @@ from aiohttp import web
 
 from amo_gateway import systemd
 from amo_gateway.app import create_app
+from amo_gateway.connections import AcceptErrors, GuardedRunner
 from amo_gateway.errors import ConfigError
 from amo_gateway.logs import AccessLogger, event
 from amo_gateway.sandbox import SandboxConfig, create_sandbox_app
 from amo_gateway.settings import Settings
+from amo_gateway.typedefs import CONNECTIONS, METRICS
 
 log = logging.getLogger("amo_gateway.serve")
 
@@ -24,14 +26,18 @@ log = logging.getLogger("amo_gateway.serve")
 async def serve(settings: Settings, *, sandbox: SandboxConfig | None = None) -> None:
     """Serve until SIGTERM/SIGINT; the app's cleanup lets refreshes in flight land before exit."""
     runners: list[web.AppRunner] = []
+    app = create_app(settings)
+    accept_errors = AcceptErrors(asyncio.get_running_loop(), app[METRICS])
+    accept_errors.install()
     try:
         if sandbox is not None:
             port = int((settings.account_base_url or "").rsplit(":", 1)[-1])
             runners.append(await _start(create_sandbox_app(sandbox), "127.0.0.1", port, settings,
                                         "AMO_GATEWAY_PORT (the sandbox listens one port above the gateway)"))
-        runners.append(await _start(create_app(settings), settings.host, settings.port, settings,
+        runners.append(await _start(app, settings.host, settings.port, settings,
                                     "AMO_GATEWAY_HOST / AMO_GATEWAY_PORT (or --host / --port)"))
-        event(log, "gateway.listening", host=settings.host, port=settings.port, sandbox=sandbox is not None)
+        event(log, "gateway.listening", host=settings.host, port=settings.port, sandbox=sandbox is not None,
+              max_connections=app[CONNECTIONS].cap)
         systemd.notify("READY=1")
         watchdog = asyncio.create_task(systemd.watchdog())
         await _until_signalled()
@@ -41,16 +47,20 @@ async def serve(settings: Settings, *, sandbox: SandboxConfig | None = None) -> 
     finally:
         for runner in reversed(runners):
             await runner.cleanup()
+        accept_errors.uninstall()
 
 
 def runner_options(settings: Settings) -> dict[str, Any]:
-    """AppRunner options shared by the service and the tests: our access log, our shutdown timeout."""
-    return {"access_log_class": AccessLogger, "shutdown_timeout": settings.shutdown_timeout}
+    """AppRunner options shared by the service and the tests: our access log, shutdown and keep-alive timeouts."""
+    return {"access_log_class": AccessLogger, "shutdown_timeout": settings.shutdown_timeout,
+            "keepalive_timeout": settings.keepalive_timeout}
 
 
 async def _start(app: web.Application, host: str, port: int, settings: Settings, setting: str) -> web.AppRunner:
-    """Listen on host:port; a port in use (or an address not ours) is one line naming it and its setting."""
-    runner = web.AppRunner(app, **runner_options(settings))
+    """Listen on host:port through the app's ConnectionGuard; a port in use is one line naming its setting."""
+    guard = app.get(CONNECTIONS)
+    options = runner_options(settings)
+    runner = GuardedRunner(app, guard, **options) if guard is not None else web.AppRunner(app, **options)
     await runner.setup()
     site = web.TCPSite(runner, host, port, shutdown_timeout=settings.shutdown_timeout)
     try:

@@ -88,6 +88,12 @@ class Settings(BaseModel):
     log_level: str = "INFO"
     max_body_bytes: int = Field(default=16 * 1024, gt=0)
     console_session_hours: float = Field(default=8.0, gt=0, le=720)  # the operator console's sign-in lifetime
+    max_connections: int = Field(default=1024, gt=0)
+    header_timeout: float = Field(default=10.0, gt=0)
+    keepalive_timeout: float = Field(default=75.0, gt=0)  # longer than nginx's upstream keepalive_timeout (60 s)
+    audit_max_bytes: int = Field(default=10 * 1024 * 1024, ge=4096)
+    audit_backups: int = Field(default=5, ge=0)
+    audit_merge_seconds: float = Field(default=60.0, ge=0)
 
     @field_validator("trusted_proxies", "allowed_base_domains", "allowed_accounts", "proxy_paths", mode="before")
     @classmethod

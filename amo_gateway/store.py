@@ -48,9 +48,11 @@ class Store:
         self._cache = data
         return data
 
-    async def update(self, change: Callable[[VaultData], T | Unchanged[T]]) -> T:
-        """Locked read-modify-write in a thread; the saved data becomes the cache."""
-        outcome: tuple[T, VaultData, Signature] = await self._run(lambda: self.vault.update(change))
+    async def update(self, change: Callable[[VaultData], T | Unchanged[T]], *, claim: bool = False,
+                     spend_reserve: bool = False) -> T:
+        """Locked read-modify-write in a thread; the saved data becomes the cache (flags: see Vault.update)."""
+        outcome: tuple[T, VaultData, Signature] = await self._run(
+            lambda: self.vault.update(change, claim=claim, spend_reserve=spend_reserve))
         result, self._cache, self._signature = outcome
         return result
 

@@ -12,6 +12,7 @@ from amo_gateway.audit import AuditLog
 from amo_gateway.auth import Authenticator
 from amo_gateway.cache import TestCache
 from amo_gateway.clock import Clock
+from amo_gateway.connections import ConnectionGuard
 from amo_gateway.flows import Flows
 from amo_gateway.manager import TokenManager
 from amo_gateway.metrics import Metrics
@@ -38,3 +39,5 @@ PROXY = web.AppKey("proxy", Proxy)
 # `status`. Set by the alert outbox when there is one; the console says "no alerts recorded" without it.
 AlertHistory = Callable[[str | None], Awaitable[list[dict[str, Any]]]]
 ALERT_HISTORY: web.AppKey[AlertHistory] = web.AppKey("alert_history")
+
+CONNECTIONS = web.AppKey("connections", ConnectionGuard)

@@ -178,13 +178,17 @@ async def proxy(request: web.Request) -> web.StreamResponse:
 
 
 async def _account_id(request: web.Request) -> str:
-    """The account the request names; a miss re-reads the vault once (another process may have just added it)."""
+    """The account the request names; a miss re-reads the vault only when its file changed on disk.
+
+    Another process may have just added the account, but a stranger's random `?account=` must not make
+    the gateway decrypt the vault at will: the recheck is one stat, the read happens only for a new file.
+    """
     selector = query_param(request, "account")
     store = request.app[STORE]
     try:
         return select_account(await store.snapshot(), selector)
     except (NotFound, NotConnected):
-        return select_account(await store.reload(), selector)
+        return select_account(await store.snapshot(recheck=True), selector)
 
 
 async def _rate_slot(app: web.Application, account_id: str) -> None:

@@ -292,7 +292,11 @@ async def _alerts(request: web.Request) -> list[dict[str, Any]] | None:
 
 
 async def _audit(request: web.Request) -> list[dict[str, Any]]:
-    """The trail's last records, newest first; only its tail is read (the file only grows)."""
+    """The trail's last records, newest first; only its tail is read (the file only grows).
+
+    Events still queued for the writer are written first, so the page shows what the operator just did.
+    """
+    await request.app[AUDIT].flush()
     lines = await asyncio.to_thread(_tail, request.app[AUDIT].path, _TAIL_BYTES)
     records = []
     for line in lines:
