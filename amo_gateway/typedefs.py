@@ -5,6 +5,7 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
+from amo_gateway.alerting import AlertService
 from amo_gateway.audit import AuditLog
 from amo_gateway.auth import Authenticator
 from amo_gateway.cache import TestCache
@@ -29,3 +30,4 @@ TEST_CACHE = web.AppKey("test_cache", TestCache)
 METRICS = web.AppKey("metrics", Metrics)
 AUDIT = web.AppKey("audit", AuditLog)
 PROXY = web.AppKey("proxy", Proxy)
+ALERTS = web.AppKey("alerts", AlertService)
