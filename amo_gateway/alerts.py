@@ -83,7 +83,7 @@ def check_settings(settings: Settings) -> None:
     if settings.alert_webhook_url and not settings.secret("alert_webhook_secret"):
         raise ConfigError("missing setting: AMO_ALERT_WEBHOOK_SECRET (or the systemd credential "
                           "alert-webhook-secret): AMO_ALERT_WEBHOOK_URL is set, and alerts are always signed")
-    if settings.alert_telegram_bot_token and not settings.alert_telegram_chat_id:
+    if settings.secret("alert_telegram_bot_token") and not settings.alert_telegram_chat_id:
         raise ConfigError("missing setting: AMO_ALERT_TELEGRAM_CHAT_ID (AMO_ALERT_TELEGRAM_BOT_TOKEN is set)")
 
 

@@ -142,8 +142,8 @@ class Settings(BaseModel):
 
     @property
     def alerts_enabled(self) -> bool:
-        """True when an alert target is configured (a webhook URL, or a Telegram bot token)."""
-        return bool(self.alert_webhook_url or self.alert_telegram_bot_token)
+        """True when an alert target is configured (a webhook URL, or a Telegram bot token; an empty one is none)."""
+        return bool(self.alert_webhook_url or self.secret("alert_telegram_bot_token"))
 
     def require(self, *names: str) -> None:
         """Stop with a ConfigError naming every listed setting that is empty."""

@@ -348,6 +348,9 @@ def test_alert_settings_come_from_credentials_and_never_from_config_yaml(tmp_pat
     assert settings.secret("alert_webhook_secret") == "hook-secret"
     assert settings.secret("alert_telegram_bot_token") == "123:bot-token"
     assert "hook-secret" not in repr(settings) and "bot-token" not in repr(settings)
+    (tmp_path / "alert-webhook-secret").write_text("")  # the shipped unit's empty files: no alerts at all
+    (tmp_path / "alert-telegram-bot-token").write_text("")
+    assert not load_settings(None, environ={"CREDENTIALS_DIRECTORY": str(tmp_path)}).alerts_enabled
     config = tmp_path / "config.yaml"
     config.write_text("alert_webhook_secret: hook-secret\n")
     with pytest.raises(ConfigError, match="alert-webhook-secret"):
