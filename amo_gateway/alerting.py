@@ -103,8 +103,12 @@ class AlertService:
         if not (force or due or self._events or facts != self._last_facts):
             return []
         events, self._events = self._events, []
-        queued = await asyncio.to_thread(self.outbox.update,
-                                         lambda box: self._reconcile(box, events, vault, local, data, now))
+        try:
+            queued = await asyncio.to_thread(self.outbox.update,
+                                             lambda box: self._reconcile(box, events, vault, local, data, now))
+        except BaseException:
+            self._events[:0] = events  # not recorded: the next check tries them again
+            raise
         self._last_facts, self._checked_at = facts, now
         for alert in queued:
             self.metrics.alerts_raised.labels(alert["event"]).inc()
@@ -126,14 +130,15 @@ class AlertService:
                    local: dict[str, Condition], data: VaultData, now: float
                    ) -> list[dict[str, Any]] | Unchanged[list[dict[str, Any]]]:
         """Inside the outbox lock: the alerts to queue, queued in the same write that marks them sent."""
-        before = repr(box.active)
+        before = (repr(box.active), len(box.pending))
+        box.forget_targets({t.name for t in self.targets})  # a target no longer configured waits for nothing
         found = reconcile(box.active, events, vault, local, now, self.policy, healthy_in(data, now))
         alerts = [payload(name, self._named(c, data), reminder, now, self.settings.alert_reconnect_url)
                   for name, c, reminder in found]
         names = [t.name for t in self.targets]
         for alert in alerts:
             box.enqueue(alert, names, now, self.settings.alert_outbox_max)
-        return alerts if alerts or repr(box.active) != before else Unchanged(alerts)
+        return alerts if alerts or (repr(box.active), len(box.pending)) != before else Unchanged(alerts)
 
     @staticmethod
     def _named(condition: Condition, data: VaultData) -> Condition:

@@ -215,11 +215,19 @@ def payload(name: str, condition: Condition, reminder: bool, now: float, reconne
     return {
         "id": secrets.token_hex(12),  # receivers drop a redelivery (after a crash mid-delivery) by it
         "event": name, "account_id": condition.account_id, "subdomain": condition.subdomain,
-        "reason": "connected again" if name == "recovered" else condition.reason,
+        "reason": _reason(name, condition.reason),
         "reason_code": name if ending else reason_code(condition.reason),
         "at": iso(now), "since": iso(condition.since), "reminder": reminder,
         "reconnect": reconnect_hint(name, condition, reconnect_url),
     }
+
+
+def _reason(name: str, reason: str) -> str:
+    if name == "recovered":
+        return "recovered: connected again"
+    if name == "breaker_closed" and not reason.startswith("breaker_closed"):
+        return "breaker_closed: amoCRM answers this account again"
+    return reason
 
 
 def reconnect_hint(name: str, condition: Condition, url: str | None) -> str:

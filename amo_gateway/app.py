@@ -132,7 +132,9 @@ def _alerts_ctx(run_loop: bool):  # type: ignore[no-untyped-def]
         """
         settings = app[SETTINGS]
         outbox = Outbox(outbox_path(settings.vault_path))
-        await asyncio.to_thread(outbox.prepare)
+        aside = await asyncio.to_thread(outbox.prepare)
+        if aside is not None:
+            event(log, "alerts.outbox_unreadable", level=logging.ERROR, kept_as=aside)
         timeout = aiohttp.ClientTimeout(total=settings.alert_timeout)
         async with aiohttp.ClientSession(timeout=timeout, headers={"User-Agent": "amo-gateway-alerts"}) as session:
             proxy = app[PROXY]
@@ -141,7 +143,10 @@ def _alerts_ctx(run_loop: bool):  # type: ignore[no-untyped-def]
             app[ALERTS] = service
             app[MANAGER].observers.append(service.observe_refresh)
             proxy.breakers.listeners.append(service.breaker_changed)
-            await service.check()
+            try:
+                await service.check()
+            except Exception as err:  # never stops the gateway; the loop's first round checks again
+                event(log, "alerts.error", level=logging.ERROR, error=type(err).__name__)
             task = asyncio.create_task(service.run(), name="amo-gateway-alerts") if run_loop else None
             yield
             service.stop()

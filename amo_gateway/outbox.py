@@ -98,6 +98,12 @@ class OutboxData:
         if entry is not None and entry["lease"] == owner:
             entry.update(lease_until=0.0, lease=None)
 
+    def forget_targets(self, configured: set[str]) -> None:
+        """Drop the deliveries to targets no longer configured (the history says dropped; not counted as lost)."""
+        for entry in [e for e in self.pending if e["target"] not in configured]:
+            self.pending.remove(entry)
+            self._mark(entry, DROPPED)
+
     def _find(self, entry_id: str, target: str) -> dict[str, Any] | None:
         return next((e for e in self.pending if e["id"] == entry_id and e["target"] == target), None)
 
@@ -117,11 +123,22 @@ class Outbox:
         self.path = path
         self.lock_path = path.with_name(path.name + ".lock")
 
-    def prepare(self) -> None:
-        """Sweep temp files of writers that died mid-write."""
+    def prepare(self) -> str | None:
+        """Sweep temp files of writers that died mid-write; set a file that does not parse aside.
+
+        Alerts must never stop the gateway: an outbox edited into nonsense is renamed `<outbox>.corrupt`
+        (kept for a human) and a new one begins. Returns that name when it happened.
+        """
         with self.locked():
             for leftover in self.path.parent.glob(self.path.name + _PART + "*"):
                 leftover.unlink(missing_ok=True)
+            try:
+                self.read()
+            except (ValueError, TypeError, AttributeError):
+                aside = self.path.with_name(self.path.name + ".corrupt")
+                os.replace(self.path, aside)
+                return aside.name
+        return None
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:

@@ -73,6 +73,8 @@ class Account:
         raw = dict(vars(self))
         raw["tokens"] = dict(vars(self.tokens)) if self.tokens else None
         raw["in_flight"] = dict(vars(self.in_flight)) if self.in_flight else None
+        if raw["failing_since"] is None:
+            del raw["failing_since"]  # absent unless failing: a vault an older version can still read
         return raw
 
     @classmethod

@@ -289,6 +289,7 @@ async def test_breaker_opened_and_closed_each_alert_once(make_rig: RigFactory, r
     await service(rig).check()
     await service(rig).deliver()
     assert receiver.events() == ["breaker_opened", "breaker_closed"]
+    assert [a["body"]["reason_code"] for a in receiver.accepted] == ["breaker_opened", "breaker_closed"]
     assert receiver.accepted[0]["body"]["subdomain"] == stored_subdomain(rig)
 
 
@@ -337,6 +338,8 @@ def test_the_outbox_is_bounded_dropping_the_oldest_and_counting() -> None:
     assert [e["id"] for e in box.pending] == [f"a{HISTORY_MAX + 2}", f"a{HISTORY_MAX + 3}", f"a{HISTORY_MAX + 4}"]
     assert box.dropped == HISTORY_MAX + 2 and len(box.history) == HISTORY_MAX
     assert box.history[-4]["targets"] == {"webhook": "dropped"}
+    box.forget_targets({"telegram"})  # the webhook is no longer configured: nothing waits for it
+    assert box.pending == [] and box.history[-1]["targets"] == {"webhook": "dropped"}
 
 
 def test_alert_settings_come_from_credentials_and_never_from_config_yaml(tmp_path: Path) -> None:
@@ -355,6 +358,20 @@ def test_alert_settings_come_from_credentials_and_never_from_config_yaml(tmp_pat
     config.write_text("alert_webhook_secret: hook-secret\n")
     with pytest.raises(ConfigError, match="alert-webhook-secret"):
         load_settings(config, environ={})
+
+
+async def test_an_unreadable_outbox_is_set_aside_and_the_gateway_still_starts(
+        make_rig: RigFactory, receiver: Receiver, tmp_path: Path) -> None:
+    """Alerts never stop the gateway: a mangled outbox is kept as `.corrupt` and a new one begins."""
+    box = outbox_path(tmp_path / "vault" / "vault.enc")
+    box.parent.mkdir(mode=0o700)
+    box.write_text("{not json")
+    rig, clock = await alert_rig(make_rig, receiver)
+    assert box.with_name(box.name + ".corrupt").read_text() == "{not json"
+    await revoke_and_refresh(rig, clock)
+    await service(rig).check()
+    await service(rig).deliver()
+    assert receiver.events() == ["reauth_required"]
 
 
 async def test_a_webhook_without_its_secret_stops_start_up(make_rig: RigFactory) -> None:
