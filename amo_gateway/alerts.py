@@ -102,9 +102,11 @@ def vault_conditions(data: VaultData, now: float, transient_after: float) -> dic
 
 
 def _account_conditions(account: Account, now: float, transient_after: float) -> Iterable[Condition]:
+    """One account's conditions; its episode is its `connected_at` (a reconnect starts a new one)."""
     pair, episode = account.tokens, str(account.connected_at)
     if pair is None:
         return
+
     def make(kind: str, reason: str, since: float, ep: str = episode) -> Condition:
         return Condition(kind, account.account_id, account.subdomain, ep, reason, since)
 
