@@ -432,3 +432,22 @@ def _tokens(h: Harness) -> list[str]:
     account = h.read_vault().accounts[ACCOUNT]
     assert account.tokens is not None
     return [t for t in (account.tokens.access_token, account.tokens.refresh_token) if t]
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the harness's start-up polls
+async def test_two_gateway_processes_on_one_vault_send_each_alert_once(tmp_path: Path, receiver: Receiver) -> None:
+    """Two real processes share the vault and the outbox: one reauth_required, one recovered, each delivered once."""
+    env = {"AMO_ALERT_WEBHOOK_URL": f"{receiver.url}/hook", "AMO_ALERT_WEBHOOK_SECRET": receiver.secret,
+           "AMO_ALERT_CHECK_INTERVAL": "0.5"}
+    async with Harness(tmp_path / "h", access_ttl=3, gateways=2, extra_env=env) as h:
+        await h.start(0)
+        await h.start(1)
+        await h.connect()
+        await h.post_sandbox("/_sandbox/revoke", {"access": False})
+        assert await poll(lambda: _accepted(receiver), 15, interval=0.1)
+        await asyncio.sleep(2.5)  # both processes have looked at the vault (ticks of 1 s) before the human acts
+        await h.connect(1)
+        assert await poll(lambda: _accepted(receiver, 2), 15, interval=0.1)
+        await asyncio.sleep(3)  # six checks of each process: neither raises or sends anything again
+    assert receiver.events() == ["reauth_required", "recovered"] and receiver.attempts == 2
