@@ -155,7 +155,9 @@ class TokenManager:
                 return await self._attempt(*claim)
 
         attempts = list(await asyncio.gather(*(one(c) for c in claims)))
-        stored = await self.store.update(lambda data: _apply(data, attempts), spend_reserve=True) if attempts else {}
+        done = self.clock.time()
+        stored = (await self.store.update(lambda data: _apply(data, attempts, done), spend_reserve=True)
+                  if attempts else {})
         outcomes = [replace(o, account=stored.get(o.account_id)) for o in attempts]
         unclaimed = {c[0].account_id for c in claims}
         outcomes += [Outcome(a, "skipped", await self.store.account(a)) for a in account_ids if a not in unclaimed]
@@ -281,8 +283,12 @@ def _claim(data: VaultData, account_ids: list[str], now: float, margin: float, s
     return claims if claims else Unchanged(claims)
 
 
-def _apply(data: VaultData, outcomes: list[Outcome]) -> dict[str, Account]:
-    """Inside the file lock: store every result; an account disconnected meanwhile stays forgotten."""
+def _apply(data: VaultData, outcomes: list[Outcome], now: float) -> dict[str, Account]:
+    """Inside the file lock: store every result; an account disconnected meanwhile stays forgotten.
+
+    A transient failure keeps the time the failing began (`failing_since`), durable and shared by every
+    process on the vault, so that "refresh failing for longer than AMO_ALERT_TRANSIENT_AFTER" is one fact.
+    """
     stored: dict[str, Account] = {}
     for outcome in outcomes:
         account = data.accounts.get(outcome.account_id)
@@ -297,6 +303,7 @@ def _apply(data: VaultData, outcomes: list[Outcome]) -> dict[str, Account]:
             account = account.needing_reauth(outcome.reason or "refresh_rejected")
         else:
             error = outcome.error.detail if outcome.error else None
-            account = replace(account, in_flight=account.in_flight if outcome.keep_marker else None, last_error=error)
+            account = replace(account, in_flight=account.in_flight if outcome.keep_marker else None, last_error=error,
+                              failing_since=account.failing_since or now)
         data.accounts[outcome.account_id] = stored[outcome.account_id] = account
     return stored

@@ -8,6 +8,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from amo_gateway.alerting import AlertService
 from amo_gateway.audit import AuditLog
 from amo_gateway.auth import Authenticator
 from amo_gateway.cache import TestCache
@@ -41,3 +42,4 @@ AlertHistory = Callable[[str | None], Awaitable[list[dict[str, Any]]]]
 ALERT_HISTORY: web.AppKey[AlertHistory] = web.AppKey("alert_history")
 
 CONNECTIONS = web.AppKey("connections", ConnectionGuard)
+ALERTS = web.AppKey("alerts", AlertService)

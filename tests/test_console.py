@@ -3,6 +3,7 @@ and that no page ever holds a token, code, API key or secret."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from http.cookies import SimpleCookie
 from typing import Any
@@ -13,7 +14,8 @@ from aiohttp import ClientResponse
 from amo_gateway.console import session
 from amo_gateway.console.i18n import choose_language
 from amo_gateway.console.pages import state_of
-from amo_gateway.typedefs import ALERT_HISTORY, AUDIT, STORE
+from amo_gateway.typedefs import ALERT_HISTORY, AUDIT, MANAGER, STORE
+from tests.conftest import ACCOUNT_ID as ACCOUNT
 from tests.conftest import API_KEY, LOGIN, FakeClock, Rig, RigFactory
 
 CONSOLE = "/api/v1/integrations/amo-crm/console"
@@ -329,3 +331,23 @@ async def test_audit_panel_reads_only_the_trails_tail(rig: Rig) -> None:
     html = await (await rig.client.get(CONSOLE)).text()
     assert html.index("newest.event") < html.index("old.event")
     assert "n=4999" in html and "n=0<" not in html
+
+
+async def test_the_console_lists_the_alerts_the_outbox_recorded(make_rig: RigFactory) -> None:
+    """With alerts configured, a revoked account's reauth_required alert shows in the console's panel."""
+    rig = await make_rig(alert_webhook_url="http://127.0.0.1:9/hook",
+                         alert_webhook_secret="hook-secret-for-the-console-test")
+    await rig.connect()
+    rig.sandbox.revoke(ACCOUNT)
+    account = str(ACCOUNT)
+    stored = await rig.app[STORE].account(account)
+    assert stored is not None and stored.tokens is not None
+    await rig.app[MANAGER].refresh(account, seen=stored.tokens.access_token)
+    await sign_in(rig)
+    for _ in range(100):  # the alert service records the outcome from its own task
+        html = await (await rig.client.get(CONSOLE)).text()
+        if "No alerts recorded." not in html:
+            break
+        await asyncio.sleep(0.05)
+    assert "No alerts recorded." not in html
+    assert "reauth_required" in html and "hook-secret-for-the-console-test" not in html

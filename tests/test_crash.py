@@ -36,6 +36,10 @@ def assert_no_token_lost(figures: dict[str, Any], kills: int) -> None:
     assert figures["final_state"] == "connected"
     # a spent token is presented again only to learn that its answer was lost, once per such loss
     assert figures["refresh_tokens_reused"] <= figures["outcomes"].get("reauth_refresh_answer_lost", 0)
+    # every lost pair produced exactly one alert, correctly signed, and none was left undelivered
+    alerts = figures["alerts"]
+    assert alerts["refresh_answer_lost"] == figures["outcomes"].get("reauth_refresh_answer_lost", 0)
+    assert alerts["bad_signatures"] == 0 and alerts["pending_at_end"] == 0
 
 
 @pytest.mark.slow

@@ -35,7 +35,8 @@ ENV_FILE = ROOT / "systemd" / "amo-gateway.env"
 CTL = ROOT / "systemd" / "amo-gateway-ctl"
 ANALYZE = shutil.which("systemd-analyze")
 needs_analyze = pytest.mark.usefixtures("analyze_available")
-SECRET_VARIABLES = {"AMO_CLIENT_SECRET", "AMO_ADMIN_TOKEN", "AMO_CONSUMER_TOKENS", "AMO_VAULT_KEY"}
+SECRET_VARIABLES = {"AMO_CLIENT_SECRET", "AMO_ADMIN_TOKEN", "AMO_CONSUMER_TOKENS", "AMO_VAULT_KEY",
+                    "AMO_ALERT_WEBHOOK_SECRET", "AMO_ALERT_TELEGRAM_BOT_TOKEN"}
 MAX_EXPOSURE = 2.0
 
 
@@ -229,8 +230,8 @@ def test_ctl_rotate_key_stops_rotates_and_restarts(tmp_path: Path) -> None:
     old_key = Fernet.generate_key().decode()
     (etc / "vault-key").write_text(old_key + "\n", encoding="utf-8")
     shutil.copy(ENV_FILE, etc / "amo-gateway.env")
-    for name in ("client-secret", "admin-token", "consumer-tokens"):
-        (etc / name).write_text("x\n" if name != "consumer-tokens" else "", encoding="utf-8")
+    for name in ("client-secret", "admin-token", "consumer-tokens", "alert-webhook-secret", "alert-telegram-bot-token"):
+        (etc / name).write_text("x\n" if name in ("client-secret", "admin-token") else "", encoding="utf-8")
     vault = Vault(state / "vault.enc", KeyRing([old_key]))
     vault.prepare()
     vault.save(VaultData())
