@@ -126,18 +126,23 @@ async def judge_frozen(h: Harness, ledger: Ledger, round_no: int) -> str:
                   f"was in flight (status {status})")
 
 
-async def settle(h: Harness, limit: float = 12.0) -> tuple[str, str | None]:
-    """Poll /token until the gateway says connected (200) or reauth_required (503)."""
+async def settle(h: Harness, expected: str, limit: float = 12.0) -> tuple[str, str | None]:
+    """Poll /token until the gateway says connected (200) or reauth_required (503).
+
+    After a lost answer the stored access token may still be valid for a moment (amoCRM keeps an access token
+    alive until it expires, whatever happens to its refresh token), so /token may rightly answer 200 until
+    the restarted gateway has judged the spent refresh token; then only reauth_required settles it.
+    """
     deadline = time.monotonic() + limit
     body: Any = None
     while time.monotonic() < deadline:
         status, body = await h.token()
-        if status == 200:
+        if status == 200 and expected != "lost":
             return "connected", None
         if status == 503 and isinstance(body, dict) and body.get("error") == "reauth_required":
             return "reauth_required", str(body.get("reason") or body.get("detail"))
         await asyncio.sleep(0.1)
-    return "unsettled", str(body)
+    return ("connected", None) if status == 200 else ("unsettled", str(body))
 
 
 async def check_running(h: Harness, round_no: int) -> None:
@@ -166,7 +171,7 @@ async def one_round(h: Harness, ledger: Ledger, rng: random.Random, round_no: in
         await h.faults(clear=True)
     expected = await judge_frozen(h, ledger, round_no)
     await h.start()
-    outcome, reason = await settle(h)
+    outcome, reason = await settle(h, expected)
     await judge_comeback(h, ledger, round_no, expected, outcome, reason)
 
 

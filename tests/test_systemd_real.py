@@ -205,7 +205,8 @@ def write_etc(work: Path, made: Secrets) -> None:
             f"AMO_BASE_URL={SANDBOX}\nAMO_TEST_CACHE_SECONDS=0\n")
     files = {"amo-gateway.env": env, "vault-key": Fernet.generate_key().decode() + "\n",
              "client-secret": made.client_secret + "\n", "admin-token": made.admin_token + "\n",
-             "consumer-tokens": f"crm-sync:{CONSUMER_TOKEN}\n"}
+             "consumer-tokens": f"crm-sync:{CONSUMER_TOKEN}\n",
+             "alert-webhook-secret": "", "alert-telegram-bot-token": ""}  # empty: no alerts, as shipped
     for name, text in files.items():
         (etc / name).write_text(text, encoding="utf-8")
         (etc / name).chmod(0o600)
