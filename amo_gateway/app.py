@@ -19,7 +19,7 @@ from amo_gateway.clock import Clock, SystemClock
 from amo_gateway.flows import Flows
 from amo_gateway.forwarded import setup_forwarded
 from amo_gateway.locks import RefreshLocks
-from amo_gateway.logs import event
+from amo_gateway.logs import AccessLog, event
 from amo_gateway.manager import Outcome, TokenManager
 from amo_gateway.metrics import Metrics
 from amo_gateway.middlewares import errors_middleware
@@ -29,6 +29,7 @@ from amo_gateway.routes import setup_routes
 from amo_gateway.settings import Settings
 from amo_gateway.store import Store
 from amo_gateway.typedefs import (
+    ACCESS_LOG,
     AUDIT,
     AUTH,
     CLOCK,
@@ -48,10 +49,17 @@ log = logging.getLogger("amo_gateway.app")
 
 
 def create_app(settings: Settings, *, clock: Clock | None = None, keys: KeyRing | None = None,
-               run_refresher: bool = True, resolver: AbstractResolver | None = None) -> web.Application:
-    """The gateway app; `clock`, `keys` and the DNS `resolver` are parameters so tests hand in their own."""
+               run_refresher: bool = True, resolver: AbstractResolver | None = None,
+               access_log: AccessLog | None = None) -> web.Application:
+    """The gateway app; `clock`, `keys` and the DNS `resolver` are parameters so tests hand in their own.
+
+    `access_log` is the sink its runner's access logger writes to (serve.runner_options); the app writes out
+    what is pending when it stops, after its last request.
+    """
     app = web.Application(middlewares=[errors_middleware], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
+    app[ACCESS_LOG] = access_log or AccessLog(settings.log_format)
+    app.cleanup_ctx.append(app[ACCESS_LOG].lifetime)
     app[CLOCK] = clock or SystemClock()
     app[AUTH] = Authenticator.from_settings(settings)
     app[TEST_CACHE] = TestCache()

@@ -14,7 +14,7 @@ from aiohttp import web
 from amo_gateway import systemd
 from amo_gateway.app import create_app
 from amo_gateway.errors import ConfigError
-from amo_gateway.logs import AccessLogger, event
+from amo_gateway.logs import AccessLog, event
 from amo_gateway.sandbox import SandboxConfig, create_sandbox_app
 from amo_gateway.settings import Settings
 
@@ -24,12 +24,14 @@ log = logging.getLogger("amo_gateway.serve")
 async def serve(settings: Settings, *, sandbox: SandboxConfig | None = None) -> None:
     """Serve until SIGTERM/SIGINT; the app's cleanup lets refreshes in flight land before exit."""
     runners: list[web.AppRunner] = []
+    access = AccessLog(settings.log_format)  # one sink for the process's stderr, whichever app answered
+    options = runner_options(settings, access)
     try:
         if sandbox is not None:
             port = int((settings.account_base_url or "").rsplit(":", 1)[-1])
-            runners.append(await _start(create_sandbox_app(sandbox), "127.0.0.1", port, settings,
+            runners.append(await _start(create_sandbox_app(sandbox), "127.0.0.1", port, options,
                                         "AMO_GATEWAY_PORT (the sandbox listens one port above the gateway)"))
-        runners.append(await _start(create_app(settings), settings.host, settings.port, settings,
+        runners.append(await _start(create_app(settings, access_log=access), settings.host, settings.port, options,
                                     "AMO_GATEWAY_HOST / AMO_GATEWAY_PORT (or --host / --port)"))
         event(log, "gateway.listening", host=settings.host, port=settings.port, sandbox=sandbox is not None)
         systemd.notify("READY=1")
@@ -41,18 +43,21 @@ async def serve(settings: Settings, *, sandbox: SandboxConfig | None = None) -> 
     finally:
         for runner in reversed(runners):
             await runner.cleanup()
+        access.flush()  # the gateway app flushed at its cleanup; the sandbox's last lines may follow it
 
 
-def runner_options(settings: Settings) -> dict[str, Any]:
-    """AppRunner options shared by the service and the tests: our access log, our shutdown timeout."""
-    return {"access_log_class": AccessLogger, "shutdown_timeout": settings.shutdown_timeout}
+def runner_options(settings: Settings, access_log: AccessLog | None = None) -> dict[str, Any]:
+    """AppRunner options shared by the service and the tests: our access log (written to `access_log`, the
+    app's own in the service; a new one on stderr by default), our shutdown timeout."""
+    sink = access_log or AccessLog(settings.log_format)
+    return {"access_log_class": sink.logger_class(), "shutdown_timeout": settings.shutdown_timeout}
 
 
-async def _start(app: web.Application, host: str, port: int, settings: Settings, setting: str) -> web.AppRunner:
+async def _start(app: web.Application, host: str, port: int, options: dict[str, Any], setting: str) -> web.AppRunner:
     """Listen on host:port; a port in use (or an address not ours) is one line naming it and its setting."""
-    runner = web.AppRunner(app, **runner_options(settings))
+    runner = web.AppRunner(app, **options)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, shutdown_timeout=settings.shutdown_timeout)
+    site = web.TCPSite(runner, host, port, shutdown_timeout=options["shutdown_timeout"])
     try:
         await site.start()
     except OSError as err:

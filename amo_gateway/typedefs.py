@@ -10,6 +10,7 @@ from amo_gateway.auth import Authenticator
 from amo_gateway.cache import TestCache
 from amo_gateway.clock import Clock
 from amo_gateway.flows import Flows
+from amo_gateway.logs import AccessLog
 from amo_gateway.manager import TokenManager
 from amo_gateway.metrics import Metrics
 from amo_gateway.proxy import Proxy
@@ -29,3 +30,4 @@ TEST_CACHE = web.AppKey("test_cache", TestCache)
 METRICS = web.AppKey("metrics", Metrics)
 AUDIT = web.AppKey("audit", AuditLog)
 PROXY = web.AppKey("proxy", Proxy)
+ACCESS_LOG = web.AppKey("access_log", AccessLog)
