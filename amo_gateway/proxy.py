@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
+from prometheus_client import Counter, Histogram
 from yarl import URL
 
 from amo_gateway.accounts import select_account
@@ -119,6 +120,7 @@ class Proxy:
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.upstream_timeout,
                                               sock_read=settings.proxy_timeout)
         self._rng = rng or random.Random()  # noqa: S311 - jitter only
+        self._series: dict[tuple[str, int], tuple[Counter, Histogram]] = {}  # (account, status) -> its two series
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Any method on `{prefix}/proxy/{path}`."""
@@ -168,7 +170,8 @@ class Proxy:
         return select_account(await self.manager.store.snapshot(), selector)
 
     async def _call(self, request: web.Request, caller: Caller) -> Call:
-        headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in _dropped(request))
+        dropped = _dropped(request)
+        headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in dropped)
         key = request.headers.get("Idempotency-Key") if request.method in KEYED else None
         body = await _read_body(request)
         if body.resendable:
@@ -278,8 +281,13 @@ class Proxy:
         return await _relay(request, resp, head)
 
     def _count(self, account_id: str, status: int, started: float) -> None:
-        self.metrics.proxy_requests.labels(account_id, str(status)).inc()
-        self.metrics.proxy_latency.labels(account_id).observe(time.monotonic() - started)
+        series = self._series.get((account_id, status))
+        if series is None:  # prometheus' labels() validates and locks on every call: once per series is enough
+            series = (self.metrics.proxy_requests.labels(account_id, str(status)),
+                      self.metrics.proxy_latency.labels(account_id))
+            self._series[(account_id, status)] = series
+        series[0].inc()
+        series[1].observe(time.monotonic() - started)
 
 
 def _authenticated(status: int) -> bool:
@@ -287,10 +295,12 @@ def _authenticated(status: int) -> bool:
     return status < 500 and status not in (401, 403, 429)
 
 
-def _dropped(request: web.Request) -> set[str]:
+def _dropped(request: web.Request) -> frozenset[str]:
     """Header names never sent upstream: hop-by-hop, the caller's credentials, and those `Connection` lists."""
-    listed = {h.strip().lower() for h in request.headers.get("Connection", "").split(",") if h.strip()}
-    return set(DROP_UP) | listed
+    connection = request.headers.get("Connection")
+    if not connection:
+        return DROP_UP
+    return DROP_UP | {h.strip().lower() for h in connection.split(",") if h.strip()}
 
 
 async def _read_body(request: web.Request) -> Body:
