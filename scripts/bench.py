@@ -6,6 +6,9 @@ workers in this process). Each target runs `--seconds` per round, rounds interle
 For the proxy comparison the sandbox's rate limit and the gateway's AMO_RATE_LIMIT are set very high so the
 7 rps limiter does not dominate. Everything else is the gateway's default configuration: logs at INFO with the
 access log on (one line per request, to a file here as to the journal under systemd); the bare server logs nothing.
+The gateway runs on uvloop (serve.run) and so does the bare server; the standalone sandbox, amoCRM's stand-in,
+runs on asyncio's own loop. "CPU us/req" is the user + system CPU of the serving processes per request (for
+"proxied", gateway plus sandbox), read from /proc: it moves far less with the machine's load than req/s does.
 `--pin CPU` pins the bare server, the gateway and the sandbox to that CPU (taskset) and wrk to the others.
 
 The ratios are computed per round (the targets of one round ran back to back) and printed as the median with
@@ -35,14 +38,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import API_KEY, LOGIN, ROOT, Harness, _terminate, free_port
 
 HIGH_RATE = "1000000"
+# On the gateway's own event loop (uvloop, serve.run), so that the ratio measures the gateway, not the loop.
 BARE_SERVER = """
 import sys
+import uvloop
 from aiohttp import web
 async def const(request):
     return web.json_response({"status": "ok"})
 app = web.Application()
 app.router.add_get("/const", const)
-web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None, loop=uvloop.new_event_loop())
 """
 
 
@@ -53,6 +58,7 @@ class Figures:
     rps: float
     p50_ms: float
     p99_ms: float
+    cpu_us: float = 0.0  # CPU (user + system) of the serving processes per request: less noisy than req/s
 
 
 @dataclass(frozen=True)
@@ -181,7 +187,10 @@ async def run(args: argparse.Namespace) -> int:
                 for proc in (bare, gateway, harness.sandbox):
                     await pin(proc.pid if proc else None, args.pin)
                 targets = await _targets(harness, bare_port)
-                rounds = await _rounds(targets, load, args)
+                assert harness.sandbox is not None
+                servers = {"bare handler": [bare.pid], "GET /token": [gateway.pid],
+                           "direct sandbox": [harness.sandbox.pid], "proxied": [gateway.pid, harness.sandbox.pid]}
+                rounds = await _rounds(targets, servers, load, args)
                 logged = _access_lines(Path(tmp) / "gateway-0.log")
             finally:
                 await _terminate(bare)
@@ -210,20 +219,33 @@ async def _targets(harness: Harness, bare_port: int) -> dict[str, tuple[str, str
 Round = dict[tuple[str, int], Figures]
 
 
-async def _rounds(targets: dict[str, tuple[str, str]], load: Load, args: argparse.Namespace) -> list[Round]:
+async def _rounds(targets: dict[str, tuple[str, str]], servers: dict[str, list[int]], load: Load,
+                  args: argparse.Namespace) -> list[Round]:
     """Each target under load (`connections`) and alone (1 connection: latency without queueing), interleaved."""
     rounds: list[Round] = []
     for _ in range(args.rounds):
         figures: Round = {}
         for conns in (args.connections, 1):
             for name, (url, token) in targets.items():
-                figures[(name, conns)] = await load(url, token, args.seconds, conns)
+                before = _cpu_seconds(servers[name])
+                fig = await load(url, token, args.seconds, conns)
+                fig.cpu_us = (_cpu_seconds(servers[name]) - before) / (fig.rps * args.seconds) * 1e6
+                figures[(name, conns)] = fig
         rounds.append(figures)
     return rounds
 
 
+def _cpu_seconds(pids: list[int]) -> float:
+    """User plus system CPU time of these processes so far, from /proc/<pid>/stat."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def _median(runs: list[Figures]) -> Figures:
-    return Figures(*(statistics.median(getattr(r, f) for r in runs) for f in ("rps", "p50_ms", "p99_ms")))
+    return Figures(*(statistics.median(getattr(r, f) for r in runs) for f in ("rps", "p50_ms", "p99_ms", "cpu_us")))
 
 
 def _report(rounds: list[Round], generator: str, logged: int, args: argparse.Namespace) -> None:
@@ -231,10 +253,11 @@ def _report(rounds: list[Round], generator: str, logged: int, args: argparse.Nam
     pinned = f"servers pinned to CPU {args.pin}, wrk to the others" if args.pin is not None else "unpinned"
     print(f"load: {generator}, {args.seconds:g} s x {args.rounds} interleaved rounds (medians), {pinned}; "
           f"sandbox and AMO_RATE_LIMIT at {HIGH_RATE} rps so the limiter does not dominate; gateway at its default "
-          f"log level with the access log on ({logged} access lines written)")
-    print(f"{'target':<16} {'conns':>5} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9}")
+          f"log level with the access log on ({logged} access lines written); CPU us/req: serving processes "
+          f"(proxied: gateway + sandbox)")
+    print(f"{'target':<16} {'conns':>5} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'CPU us/req':>11}")
     for (name, conns), fig in sorted(med.items(), key=lambda kv: -kv[0][1]):
-        print(f"{name:<16} {conns:>5} {fig.rps:>10.0f} {fig.p50_ms:>9.3f} {fig.p99_ms:>9.3f}")
+        print(f"{name:<16} {conns:>5} {fig.rps:>10.0f} {fig.p50_ms:>9.3f} {fig.p99_ms:>9.3f} {fig.cpu_us:>11.0f}")
     for ratio in RATIOS:
         per_round = [ratio.of(r, args.connections) for r in rounds]
         value = statistics.median(per_round)
