@@ -14,7 +14,7 @@ runs on asyncio's own loop. "CPU us/req" is the user + system CPU of the serving
 The ratios are computed per round (the targets of one round ran back to back) and printed as the median with
 the spread across rounds, which says how noisy the machine was.
 
-    .venv/bin/python scripts/bench.py [--seconds 5] [--rounds 3] [--connections 32] [--pin CPU] [--python-client]
+    .venv/bin/python scripts/bench.py [--seconds 3] [--rounds 5] [--connections 32] [--pin CPU] [--python-client]
 """
 
 from __future__ import annotations
@@ -174,6 +174,7 @@ def wrk_prefix(cpu: int | None) -> list[str]:
 async def run(args: argparse.Namespace) -> int:
     use_wrk = shutil.which("wrk") is not None and not args.python_client
     load = wrk_load(wrk_prefix(args.pin)) if use_wrk else python_load
+    args.load_before = os.getloadavg()[0]  # the machine may be shared: say how busy it was
     with tempfile.TemporaryDirectory(prefix="amo-bench-") as tmp:
         harness = BenchHarness(Path(tmp), access_ttl=86400,
                                extra_env={"AMO_RATE_LIMIT": HIGH_RATE, "AMO_PROXY_QUEUE": "100000"})
@@ -194,6 +195,7 @@ async def run(args: argparse.Namespace) -> int:
                 logged = _access_lines(Path(tmp) / "gateway-0.log")
             finally:
                 await _terminate(bare)
+    args.load_after = os.getloadavg()[0]
     _report(rounds, "wrk" if use_wrk else "python aiohttp client", logged, args)
     return 0
 
@@ -254,7 +256,8 @@ def _report(rounds: list[Round], generator: str, logged: int, args: argparse.Nam
     print(f"load: {generator}, {args.seconds:g} s x {args.rounds} interleaved rounds (medians), {pinned}; "
           f"sandbox and AMO_RATE_LIMIT at {HIGH_RATE} rps so the limiter does not dominate; gateway at its default "
           f"log level with the access log on ({logged} access lines written); CPU us/req: serving processes "
-          f"(proxied: gateway + sandbox)")
+          f"(proxied: gateway + sandbox); load average {args.load_before:.1f} before, {args.load_after:.1f} after "
+          f"on {os.cpu_count()} CPUs")
     print(f"{'target':<16} {'conns':>5} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'CPU us/req':>11}")
     for (name, conns), fig in sorted(med.items(), key=lambda kv: -kv[0][1]):
         print(f"{name:<16} {conns:>5} {fig.rps:>10.0f} {fig.p50_ms:>9.3f} {fig.p99_ms:>9.3f} {fig.cpu_us:>11.0f}")
@@ -267,8 +270,8 @@ def _report(rounds: list[Round], generator: str, logged: int, args: argparse.Nam
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--pin", type=int, default=None, metavar="CPU",
                         help="pin the servers to this CPU and wrk to the others (taskset)")
