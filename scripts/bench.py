@@ -40,6 +40,7 @@ from _harness import API_KEY, LOGIN, ROOT, Harness, _terminate, free_port
 HIGH_RATE = "1000000"
 # On the gateway's own event loop (uvloop, serve.run), so that the ratio measures the gateway, not the loop.
 BARE_SERVER = """
+import asyncio
 import sys
 import uvloop
 from aiohttp import web
@@ -47,7 +48,8 @@ async def const(request):
     return web.json_response({"status": "ok"})
 app = web.Application()
 app.router.add_get("/const", const)
-web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None, loop=uvloop.new_event_loop())
+loop = uvloop.new_event_loop() if sys.argv[2] == "uvloop" else asyncio.new_event_loop()
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None, loop=loop)
 """
 
 
@@ -180,7 +182,8 @@ async def run(args: argparse.Namespace) -> int:
                                extra_env={"AMO_RATE_LIMIT": HIGH_RATE, "AMO_PROXY_QUEUE": "100000"})
         async with harness:
             bare_port = free_port()
-            bare = await asyncio.create_subprocess_exec(sys.executable, "-c", BARE_SERVER, str(bare_port))
+            bare = await asyncio.create_subprocess_exec(sys.executable, "-c", BARE_SERVER, str(bare_port),
+                                                        args.bare_loop)
             try:
                 gateway = await harness.start()
                 await harness.connect()
@@ -253,6 +256,7 @@ def _median(runs: list[Figures]) -> Figures:
 def _report(rounds: list[Round], generator: str, logged: int, args: argparse.Namespace) -> None:
     med = {key: _median([r[key] for r in rounds]) for key in rounds[0]}
     pinned = f"servers pinned to CPU {args.pin}, wrk to the others" if args.pin is not None else "unpinned"
+    pinned += f", bare server on {args.bare_loop}"
     print(f"load: {generator}, {args.seconds:g} s x {args.rounds} interleaved rounds (medians), {pinned}; "
           f"sandbox and AMO_RATE_LIMIT at {HIGH_RATE} rps so the limiter does not dominate; gateway at its default "
           f"log level with the access log on ({logged} access lines written); CPU us/req: serving processes "
@@ -276,6 +280,8 @@ def main() -> int:
     parser.add_argument("--pin", type=int, default=None, metavar="CPU",
                         help="pin the servers to this CPU and wrk to the others (taskset)")
     parser.add_argument("--python-client", action="store_true", help="use the aiohttp load generator, not wrk")
+    parser.add_argument("--bare-loop", choices=("uvloop", "asyncio"), default="uvloop",
+                        help="the bare server's event loop (asyncio: to measure a gateway from before serve.run)")
     return asyncio.run(run(parser.parse_args()))
 
 
