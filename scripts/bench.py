@@ -14,7 +14,8 @@ runs on asyncio's own loop. "CPU us/req" is the user + system CPU of the serving
 The ratios are computed per round (the targets of one round ran back to back) and printed as the median with
 the spread across rounds, which says how noisy the machine was.
 
-    .venv/bin/python scripts/bench.py [--seconds 3] [--rounds 5] [--connections 32] [--pin CPU] [--python-client]
+    .venv/bin/python scripts/bench.py [--seconds 3] [--rounds 5] [--connections 32] [--pin CPU] [--bare-loop asyncio]
+                                       [--python-client]
 """
 
 from __future__ import annotations
@@ -274,7 +275,7 @@ def _report(rounds: list[Round], generator: str, logged: int, args: argparse.Nam
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--seconds", type=int, default=3, help="per run (whole seconds: wrk takes no fraction)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--pin", type=int, default=None, metavar="CPU",
