@@ -70,7 +70,6 @@ def configure(fmt: str, level: str) -> None:
     root.setLevel(level.upper())
 
 
-
 FLUSH_EVERY = 0.1  # seconds an access line may wait in memory (what a SIGKILL can lose; the journal keeps its ts)
 MAX_PENDING = 512  # lines held at most: a burst is written as soon as it fills this
 
