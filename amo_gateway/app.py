@@ -26,7 +26,7 @@ from amo_gateway.connections import ConnectionGuard, descriptor_cap
 from amo_gateway.flows import Flows
 from amo_gateway.forwarded import setup_forwarded
 from amo_gateway.locks import RefreshLocks
-from amo_gateway.logs import event
+from amo_gateway.logs import AccessLog, event
 from amo_gateway.manager import Outcome, TokenManager
 from amo_gateway.metrics import Metrics
 from amo_gateway.middlewares import errors_middleware
@@ -37,6 +37,7 @@ from amo_gateway.routes import setup_routes
 from amo_gateway.settings import Settings
 from amo_gateway.store import Store
 from amo_gateway.typedefs import (
+    ACCESS_LOG,
     ALERT_HISTORY,
     ALERTS,
     AUDIT,
@@ -61,13 +62,20 @@ log = logging.getLogger("amo_gateway.app")
 
 
 def create_app(settings: Settings, *, clock: Clock | None = None, keys: KeyRing | None = None,
-               run_refresher: bool = True, resolver: AbstractResolver | None = None) -> web.Application:
-    """The gateway app; `clock`, `keys` and the DNS `resolver` are parameters so tests hand in their own."""
+               run_refresher: bool = True, resolver: AbstractResolver | None = None,
+               access_log: AccessLog | None = None) -> web.Application:
+    """The gateway app; `clock`, `keys` and the DNS `resolver` are parameters so tests hand in their own.
+
+    `access_log` is the sink its runner's access logger writes to (serve.runner_options); the app writes out
+    what is pending when it stops, after its last request.
+    """
     metrics = Metrics()
     guard = ConnectionGuard(descriptor_cap(settings.max_connections), settings.header_timeout, metrics)
     app = web.Application(middlewares=[guard.middleware, errors_middleware], client_max_size=settings.max_body_bytes)
     app[CONNECTIONS] = guard
     app[SETTINGS] = settings
+    app[ACCESS_LOG] = access_log or AccessLog(settings.log_format)
+    app.cleanup_ctx.append(app[ACCESS_LOG].lifetime)
     app[CLOCK] = clock or SystemClock()
     app[AUTH] = Authenticator.from_settings(settings)
     app[TEST_CACHE] = TestCache()

@@ -110,7 +110,7 @@ def _vault(settings: Settings) -> Vault:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from amo_gateway.serve import serve  # the server's imports are not needed by the other commands
+    from amo_gateway.serve import run, serve  # the server's imports are not needed by the other commands
 
     settings = _settings(args, host=args.host, port=args.port, vault_path=args.vault_path)
     logs.configure(settings.log_format, settings.log_level)
@@ -122,7 +122,7 @@ def _serve(args: argparse.Namespace) -> int:
         settings, sandbox = sandbox_setup(settings, workdir)
         banner(settings, workdir)
     settings.require("client_id", "client_secret", "redirect_uri", "base_url", "admin_token")
-    asyncio.run(serve(settings, sandbox=sandbox))
+    run(serve(settings, sandbox=sandbox))
     return 0
 
 

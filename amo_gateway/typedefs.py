@@ -15,6 +15,7 @@ from amo_gateway.cache import TestCache
 from amo_gateway.clock import Clock
 from amo_gateway.connections import ConnectionGuard
 from amo_gateway.flows import Flows
+from amo_gateway.logs import AccessLog
 from amo_gateway.manager import TokenManager
 from amo_gateway.metrics import Metrics
 from amo_gateway.proxy import Proxy
@@ -43,3 +44,4 @@ ALERT_HISTORY: web.AppKey[AlertHistory] = web.AppKey("alert_history")
 
 CONNECTIONS = web.AppKey("connections", ConnectionGuard)
 ALERTS = web.AppKey("alerts", AlertService)
+ACCESS_LOG = web.AppKey("access_log", AccessLog)
