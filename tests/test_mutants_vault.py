@@ -81,3 +81,22 @@ def test_malformed_vault_content_is_reported_as_such(tmp_path: Path, keys: KeyRi
     with pytest.raises(VaultUndecryptable) as caught:
         Vault(path, keys).load()
     assert str(caught.value) == f"vault {path} decrypts but its content is malformed"
+
+
+def test_writer_reads_its_own_write_without_decrypting(tmp_path: Path, keys: KeyRing) -> None:
+    """After save() the same Vault knows the file by its write id: the next load() costs no decryption."""
+    vault = Vault(tmp_path / "vault.enc", keys)
+    data = vault.load()
+    data.exchange_slots["demo@example.com"] = 1.0
+    vault.save(data)
+    decrypts = 0
+    real = keys.decrypt
+
+    def counting(token: bytes) -> bytes:
+        nonlocal decrypts
+        decrypts += 1
+        return real(token)
+
+    keys.decrypt = counting  # type: ignore[method-assign]
+    assert vault.load() == data
+    assert decrypts == 0
