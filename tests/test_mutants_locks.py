@@ -7,6 +7,7 @@ gateway (of this or any other version) would; the tests then look at what this p
 from __future__ import annotations
 
 import asyncio
+import stat
 import subprocess
 import sys
 import zlib
@@ -110,3 +111,10 @@ async def test_release_frees_exactly_its_own_account(tmp_path: Path, locks: Refr
     assert await seen_from_another_process(path, int(ACCOUNT)) == "free"
     assert await seen_from_another_process(path, int(neighbour)) == "busy"
     locks.release(neighbour)
+
+
+def test_lock_file_is_private(tmp_path: Path) -> None:
+    """The refresh lock file is created 0600, like everything else beside the vault."""
+    path = tmp_path / "vault.enc.refresh.lock"
+    RefreshLocks(path).close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600

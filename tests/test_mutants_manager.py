@@ -6,6 +6,7 @@ scripted per call, so each branch (skip, move, rejection, transient, the log eve
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 
 from amo_gateway.errors import (
     NotConnected,
+    ReauthRequired,
     UpstreamError,
     UpstreamNotFound,
     UpstreamRateLimited,
@@ -144,8 +146,69 @@ async def test_unknown_account_or_one_without_a_pair_is_not_connected(setup: Set
     """No account, or an account with no pair, says how to connect rather than failing on the missing pair."""
     manager = setup.manager(ScriptedAmo(), account(tokens=None))
     for account_id in ("nobody", ID):
-        with pytest.raises(NotConnected, match="exchange"):
+        with pytest.raises(NotConnected) as caught:
             await manager.connected(account_id)
+        assert caught.value.detail == ("no amoCRM account is connected; run the API-key exchange or the consent"
+                                       " flow")
+
+
+async def test_account_needing_reauth_says_why(setup: Setup) -> None:
+    """ReauthRequired carries the stored reason, which the HTTP answer and the status table show."""
+    manager = setup.manager(ScriptedAmo(), account(status=REAUTH_REQUIRED, reason="token_revoked: gone"))
+    with pytest.raises(ReauthRequired) as caught:
+        await manager.connected(ID)
+    assert caught.value.extra == {"reason": "token_revoked: gone"}
+    assert caught.value.detail == "amoCRM access needs re-authorization: token_revoked: gone"
+
+
+async def test_expired_long_lived_token_asks_for_a_new_one(setup: Setup) -> None:
+    """A long-lived token is never refreshed: once expired, ReauthRequired says to import a new one."""
+    pair = TokenPair("long-access", None, expires_at=NOW + 3600, obtained_at=NOW)
+    manager = setup.manager(ScriptedAmo(), account(tokens=pair, long_lived=True))
+    setup.clock.now = EXPIRED
+    with pytest.raises(ReauthRequired) as caught:
+        await manager.access(ID)
+    assert caught.value.extra == {"reason": "long_lived_expired"}
+    assert caught.value.detail == "the long-lived token has expired: import a new one"
+    assert setup.amo.sent == []
+
+
+async def test_expired_token_that_amocrm_revokes_asks_for_reauthorization(setup: Setup) -> None:
+    """access() on a pair amoCRM refuses raises ReauthRequired (the operator's cue), not the upstream 401."""
+    revoked = UpstreamUnauthorized(REVOKED_HINT, hint=REVOKED_HINT)
+    manager = setup.manager(ScriptedAmo(revoked), account())
+    setup.clock.now = EXPIRED
+    with pytest.raises(ReauthRequired):
+        await manager.access(ID)
+
+
+class HeldAmo(ScriptedAmo):
+    """amoCRM that answers only when the test lets it, and then fails in an unexpected way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.called = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def token_from_refresh(self, base_url: str, refresh_token: str) -> dict[str, Any]:
+        self.called.set()
+        await self.go.wait()
+        raise RuntimeError("the connection broke in a way nobody planned for")
+
+
+async def test_drain_waits_for_a_refresh_in_flight_and_swallows_its_failure(setup: Setup) -> None:
+    """Shutdown's drain() returns only after the refresh sent to amoCRM ended, even when it ended badly."""
+    amo = HeldAmo()
+    manager = setup.manager(amo, account())
+    refresh = asyncio.ensure_future(manager.refresh(ID))
+    await asyncio.wait_for(amo.called.wait(), 5)
+    drain = asyncio.ensure_future(manager.drain())
+    await asyncio.sleep(0.05)
+    assert not drain.done()
+    amo.go.set()
+    await asyncio.wait_for(drain, 5)
+    with pytest.raises(RuntimeError):
+        await refresh
 
 
 async def test_expired_token_that_cannot_be_refreshed_raises_the_upstream_error(setup: Setup) -> None:

@@ -35,9 +35,10 @@ async def test_default_window_is_one_second_and_the_slot_frees_exactly_then() ->
 
 
 def test_limiters_hand_out_the_configured_budget() -> None:
-    """Every account's limiter gets the configured limit, queue bound and window."""
+    """Every account's limiter gets the configured limit, queue bound and window (amoCRM's second by default)."""
     limiter = Limiters(7, 25, window=2.5).get("31920194")
     assert (limiter.limit, limiter.queue, limiter.window) == (7, 25, 2.5)
+    assert Limiters(7, 25).get("31920194").window == 1.0
 
 
 @pytest.mark.parametrize(("waiting", "window", "seconds"), [

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet
 
-from amo_gateway.errors import ConfigError, VaultUndecryptable
+from amo_gateway.errors import ConfigError, VaultError, VaultUndecryptable
 from amo_gateway.vault import KeyRing, Vault, load_keyring, write_key_file
 
 
@@ -100,3 +100,43 @@ def test_writer_reads_its_own_write_without_decrypting(tmp_path: Path, keys: Key
     keys.decrypt = counting  # type: ignore[method-assign]
     assert vault.load() == data
     assert decrypts == 0
+
+
+def test_prepare_creates_missing_parents_private(tmp_path: Path, keys: KeyRing) -> None:
+    """A vault path under directories that do not exist yet: they are created, the vault's own one 0700."""
+    vault = Vault(tmp_path / "a" / "b" / "vault.enc", keys)
+    vault.prepare()
+    assert stat.S_IMODE((tmp_path / "a" / "b").stat().st_mode) == 0o700
+
+
+def test_private_directory_of_another_owner_is_accepted(tmp_path: Path, keys: KeyRing,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 0700 directory someone else owns (e.g. made by systemd's StateDirectory) is fine as it is."""
+    directory = tmp_path / "state"
+    directory.mkdir(mode=0o700)
+    monkeypatch.setattr(os, "getuid", lambda: directory.stat().st_uid + 1)
+    Vault(directory / "vault.enc", keys).prepare()
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+
+
+def test_loose_directory_of_another_owner_is_refused_by_name(tmp_path: Path, keys: KeyRing,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A directory others can read, that is not ours to chmod, stops start-up with the directory's name."""
+    directory = tmp_path / "state"
+    directory.mkdir()
+    directory.chmod(0o755)
+    monkeypatch.setattr(os, "getuid", lambda: directory.stat().st_uid + 1)
+    with pytest.raises(VaultError) as caught:
+        Vault(directory / "vault.enc", keys).prepare()
+    assert str(caught.value) == f"vault directory {directory} is readable by others and not ours to fix"
+
+
+def test_key_errors_tell_the_operator_what_to_do() -> None:
+    """No key names the settings to use; a bad key says how to make a good one."""
+    with pytest.raises(ConfigError) as none_given:
+        KeyRing([])
+    assert str(none_given.value) == ("no vault key: set AMO_VAULT_KEY_FILE (or a systemd credential"
+                                     " 'vault-key')")
+    with pytest.raises(ConfigError) as bad:
+        KeyRing(["not-a-key"])
+    assert str(bad.value) == "a vault key is not a valid Fernet key (make one with `amo-gateway gen-key`)"
