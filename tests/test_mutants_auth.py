@@ -72,8 +72,9 @@ def test_refusals_say_which_token_is_needed() -> None:
 
 def test_consumer_list_accepts_commas_newlines_and_blanks() -> None:
     """`name:token` entries split on commas or newlines; blank entries are skipped; a token may hold colons."""
-    text = "crm-sync:consumer-secret-1,\n reports : consumer:secret:2 \n\n,"
-    assert parse_consumers(text) == {"crm-sync": "consumer-secret-1", "reports ": " consumer:secret:2"}
+    text = "crm-sync:consumer-secret-1\nbilling:consumer-secret-3,\n reports : consumer:secret:2 \n\n,"
+    assert parse_consumers(text) == {"crm-sync": "consumer-secret-1", "billing": "consumer-secret-3",
+                                     "reports ": " consumer:secret:2"}
     assert parse_consumers("") == {}
 
 

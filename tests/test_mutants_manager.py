@@ -247,6 +247,14 @@ async def test_rejection_other_than_revocation_names_amocrms_hint(setup: Setup) 
     assert (stored.status, stored.reason) == (REAUTH_REQUIRED, "refresh_rejected: Refresh token is invalid")
 
 
+async def test_lost_answer_is_named_whatever_status_carries_the_revocation(setup: Setup) -> None:
+    """With a marker from a lost answer, a revocation in a plain 400 also reads as 'answer lost'."""
+    refusal = UpstreamRejected(f"amoCRM rejected the request (HTTP 400): {REVOKED_HINT}", hint=REVOKED_HINT)
+    manager = setup.manager(ScriptedAmo(refusal), account(in_flight=InFlight(fingerprint("refresh-1"), NOW)))
+    outcome = await manager.refresh(ID)
+    assert outcome.reason is not None and outcome.reason.startswith("refresh_answer_lost")
+
+
 async def test_revocation_is_final_and_no_new_host_is_looked_up(setup: Setup) -> None:
     """A revoked token is not a move: the api_domain is not asked, and the reason says what happened."""
     revoked = UpstreamUnauthorized(f"amoCRM refused the credentials: {REVOKED_HINT}", hint=REVOKED_HINT)
