@@ -82,11 +82,11 @@ class Setup:
         self.clock = FakeClock(DUE)
         self.amo = ScriptedAmo()
 
-    def manager(self, amo: ScriptedAmo, stored: Account | None = None) -> TokenManager:
+    def manager(self, amo: ScriptedAmo, stored: Account | None = None, margin: float = 600) -> TokenManager:
         self.amo = amo
         if stored is not None:
             self.vault.update(lambda data: data.accounts.__setitem__(ID, stored))
-        return TokenManager(Store(self.vault), amo, self.locks, self.clock, margin=600)  # type: ignore[arg-type]
+        return TokenManager(Store(self.vault), amo, self.locks, self.clock, margin=margin)  # type: ignore[arg-type]
 
     def stored(self) -> Account:
         data, _ = self.vault.read()
@@ -180,6 +180,15 @@ async def test_expired_token_that_amocrm_revokes_asks_for_reauthorization(setup:
     setup.clock.now = EXPIRED
     with pytest.raises(ReauthRequired):
         await manager.access(ID)
+
+
+async def test_expiring_token_is_refreshed_on_demand_even_with_no_refresh_margin(setup: Setup) -> None:
+    """With AMO_REFRESH_MARGIN=0 the scheduler waits for expiry, but a caller 10 s before it gets a new pair."""
+    manager = setup.manager(ScriptedAmo(answer(2)), account(), margin=0)
+    setup.clock.now = NOW + 3600 - 10
+    pair = await manager.access(ID)
+    assert pair.access_token == "access-2"
+    assert setup.amo.sent == [(OLD_HOST, "refresh-1")]
 
 
 class HeldAmo(ScriptedAmo):
