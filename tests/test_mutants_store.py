@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet
 
+from amo_gateway import store as store_module
 from amo_gateway.errors import VaultUndecryptable
 from amo_gateway.store import RECHECK, Store
 from amo_gateway.tokens import Account, VaultData
@@ -44,22 +45,25 @@ def paths(tmp_path: Path) -> Path:
     return tmp_path / "vault.enc"
 
 
-async def test_hot_path_reads_come_from_memory_between_rechecks(paths: Path, keys: KeyRing) -> None:
+async def test_hot_path_reads_come_from_memory_between_rechecks(paths: Path, keys: KeyRing,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Within RECHECK seconds the store neither stats nor reads the file; after it, one stat and no read."""
+    monkeypatch.setattr(store_module, "RECHECK", 60.0)  # no scheduling delay on a loaded machine reaches this
     vault = Counting(paths, keys)
     vault.update(_add("1"))  # type: ignore[arg-type]
     store = Store(vault)
     first = await store.snapshot()
     assert (vault.stats, vault.reads) == (2, 1)  # one stat to compare, one read (which stats under the lock)
-    for _ in range(3):  # a few awaits: well inside RECHECK even on a loaded machine
+    for _ in range(3):
         assert await store.snapshot() is first
     assert (vault.stats, vault.reads) == (2, 1)
-    await asyncio.sleep(RECHECK * 1.5)
+    monkeypatch.setattr(store_module, "RECHECK", 0.0)  # as if RECHECK seconds had passed
     assert await store.snapshot() is first
     assert (vault.stats, vault.reads) == (3, 1), "an unchanged file is stat'ed, not read again"
 
 
-async def test_another_writers_change_shows_up_after_recheck(paths: Path, keys: KeyRing) -> None:
+async def test_another_writers_change_shows_up_after_recheck(paths: Path, keys: KeyRing,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """Another process's write is seen once RECHECK has passed, without anyone asking for a recheck."""
     store, other = Store(Vault(paths, keys)), Vault(paths, keys)
     other.update(_add("1"))  # type: ignore[arg-type]
