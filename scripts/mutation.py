@@ -4,14 +4,16 @@ Runs `mutmut run` (configured in pyproject.toml's [tool.mutmut]: which modules, 
 `mutmut results --all true` and prints, per module, how many mutants the tests killed. A mutant counts as
 killed when a test failed, timed out or crashed on it; a survivor or a mutant no test reaches counts
 against the rate. The exit status is non-zero when any module stays below the target. mutmut keeps its
-results in mutants/, so a second run only re-checks what changed. `mutmut show <name>` prints a survivor.
-Usage: python scripts/mutation.py [--max-children 2] [--target 90] [--report out.json] [--no-run]
+results in mutants/: a second run checks new or changed mutants and re-checks those not killed before
+(`--fresh` starts over). `mutmut show <name>` prints a survivor's diff.
+Usage: python scripts/mutation.py [--max-children 2] [--target 90] [--report out.json] [--no-run] [--fresh]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -22,10 +24,19 @@ MODULES = ["vault", "store", "manager", "locks", "auth", "ratelimit"]
 KILLED = {"killed", "timeout", "segfault", "caught by type check"}
 
 
-def run_mutmut(max_children: int) -> int:
-    """The mutation run itself; mutmut prints its own progress."""
-    command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children)]
+def run_mutmut(max_children: int, names: list[str] | None = None) -> int:
+    """One mutmut run (all pending mutants, or just `names`); mutmut prints its own progress."""
+    command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), *(names or [])]
     return subprocess.run(command, cwd=ROOT, check=False).returncode
+
+
+def run_all(max_children: int) -> int:
+    """Check new and changed mutants, then re-check every cached one not killed: tests added since may kill it."""
+    status = run_mutmut(max_children)
+    if status != 0:
+        return status
+    again = sorted(name for name, state in statuses().items() if state not in KILLED)
+    return run_mutmut(max_children, again) if again else 0
 
 
 def statuses() -> dict[str, str]:
@@ -78,8 +89,11 @@ def main() -> int:
     parser.add_argument("--target", type=float, default=90.0, help="minimum kill rate per module, in per cent")
     parser.add_argument("--report", type=Path, help="also write the counts and survivors as JSON here")
     parser.add_argument("--no-run", action="store_true", help="only report the results of the last run")
+    parser.add_argument("--fresh", action="store_true", help="forget mutmut's cached results (mutants/) first")
     args = parser.parse_args()
-    if not args.no_run and run_mutmut(args.max_children) != 0:
+    if args.fresh:
+        shutil.rmtree(ROOT / "mutants", ignore_errors=True)
+    if not args.no_run and run_all(args.max_children) != 0:
         print("mutmut run failed (see above)", file=sys.stderr)
         return 2
     found = statuses()
