@@ -37,7 +37,7 @@ GUARANTEE_TESTS = [
 ]
 PROCESS_TESTS = ["tests/test_crash.py", "tests/test_multiprocess.py", "tests/test_shutdown.py"]
 PYTEST = ["-m", "pytest", "-x", "-q", "-m", "not evidence", "-p", "no:cacheprovider"]
-FAILED = re.compile(r"^(?:FAILED|ERROR) (.+)$", re.MULTILINE)
+FAILED = re.compile(r"^(?:FAILED|ERROR) (tests/\S+.*)$", re.MULTILINE)  # the summary line, not a captured log
 
 
 @dataclass
