@@ -302,14 +302,14 @@ async def test_move_is_followed_logged_and_keeps_the_lost_answer_evidence(
             {"account": ID, "old_host": OLD_HOST, "new_host": "https://new.amocrm.ru"}) in events(caplog)
 
 
-async def test_move_answer_without_a_subdomain_keeps_the_old_one(setup: Setup) -> None:
-    """The lookup may name only the domain: the account moves there and keeps its subdomain label."""
+async def test_move_answer_without_a_subdomain_takes_it_from_the_new_host(setup: Setup) -> None:
+    """The lookup may name only the domain: the account moves there, its subdomain read from the new host."""
     manager = setup.manager(ScriptedAmo(UpstreamNotFound("gone"), answer(2), where={"domain": "new.amocrm.ru"}),
                             account())
     outcome = await manager.refresh(ID)
     assert outcome.result == "refreshed"
     stored = setup.stored()
-    assert (stored.base_url, stored.subdomain) == ("https://new.amocrm.ru", "old")
+    assert (stored.base_url, stored.subdomain) == ("https://new.amocrm.ru", "new")
 
 
 async def test_each_refresh_result_is_logged_once_with_its_level_and_fields(
@@ -362,6 +362,6 @@ def test_apply_stores_every_result_even_after_a_forgotten_account() -> None:
     """An account disconnected meanwhile is skipped; the outcomes after it are still stored."""
     data = _data(account())
     pair = TokenPair("access-2", "refresh-2", DUE + 3600, DUE)
-    stored = _apply(data, [Outcome("gone", "refreshed", pair=pair), Outcome(ID, "refreshed", pair=pair)])
+    stored = _apply(data, [Outcome("gone", "refreshed", pair=pair), Outcome(ID, "refreshed", pair=pair)], 0.0)
     assert set(stored) == {ID} and "gone" not in data.accounts
     assert data.accounts[ID].tokens == pair
