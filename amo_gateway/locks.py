@@ -53,7 +53,7 @@ class RefreshLocks:
         local.release()
         return False
 
-    def release(self, account_id: str) -> None:
+    async def release(self, account_id: str) -> None:
         self._os_unlock(account_id)
         self._local(account_id).release()
 
