@@ -60,6 +60,12 @@ class VaultUndecryptable(VaultError):
     code = "vault_undecryptable"
 
 
+class StateUnavailable(VaultError):
+    """The shared state's database cannot be reached (down, restarting, network cut)."""
+
+    code = "state_unavailable"
+
+
 class RequestRejected(GatewayError):
     code = "bad_request"
     status = 400

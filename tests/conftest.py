@@ -28,6 +28,7 @@ from amo_gateway.sandbox import (
 from amo_gateway.serve import runner_options
 from amo_gateway.settings import PREFIX, Settings
 from amo_gateway.vault import KeyRing, Vault
+from tests.pg import ThrowawayPostgres, throwaway_postgres
 
 LOGIN = "demo@example.com"
 API_KEY = "sandbox-api-key-for-tests"
@@ -103,6 +104,29 @@ class Rig:
 
 
 RigFactory = Callable[..., Awaitable[Rig]]
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Any:
+    """One throwaway PostgreSQL for the whole session (tests/pg.py), or why there is none."""
+    with throwaway_postgres() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres(postgres_server: ThrowawayPostgres | str) -> ThrowawayPostgres:
+    """The running server; without one the test skips, except under CI=true where it fails loudly."""
+    if isinstance(postgres_server, str):
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI needs a real PostgreSQL: {postgres_server}")
+        pytest.skip(postgres_server)
+    return postgres_server
+
+
+@pytest.fixture
+def database_url(postgres: ThrowawayPostgres) -> str:
+    """A fresh, empty database of the session's server."""
+    return postgres.database()
 
 
 @pytest.fixture

@@ -5,15 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from amo_gateway.backends.base import StateStore
-from amo_gateway.errors import ConfigError
 from amo_gateway.settings import Settings
 from amo_gateway.vault import KeyRing, Vault
 
 
 def open_store(settings: Settings, keys: KeyRing, key_source: Callable[[], KeyRing] | None) -> StateStore:
     """PostgreSQL when AMO_DATABASE_URL is set, else the vault file exactly as before (not yet opened)."""
-    if settings.secret("database_url"):
-        raise ConfigError("AMO_DATABASE_URL is set but this build has no PostgreSQL backend yet")
+    url = settings.secret("database_url")
+    if url:
+        from amo_gateway.backends.postgres import PgStore  # psycopg is imported only where it is used
+
+        return PgStore(url, keys, key_source, lease_seconds=refresh_lease(settings))
     from amo_gateway.store import Store
 
     return Store(Vault(settings.vault_path, keys), key_source)
