@@ -77,6 +77,8 @@ def _store_ctx(settings: Settings, keys: KeyRing, key_source: Callable[[], KeyRi
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         """Open the shared state: a vault that does not decrypt (or a database out of reach) stops start-up here."""
         store = open_store(settings, keys, key_source)
+        if settings.database_url is not None:  # the audit trail stays beside AMO_VAULT_PATH, one per replica
+            await asyncio.to_thread(settings.vault_path.parent.mkdir, mode=0o700, parents=True, exist_ok=True)
         await store.open()
         app[STORE] = store
         try:

@@ -1,0 +1,57 @@
+"""Two gateways that share nothing but AMO_DATABASE_URL serve one account: one refresh at a time, no token twice."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from aiohttp.test_utils import TestServer
+
+from amo_gateway.app import create_app
+from amo_gateway.serve import runner_options
+from amo_gateway.typedefs import STORE
+from tests.conftest import ACCOUNT_ID, RigFactory
+
+
+async def _second_gateway(rig: Any, aiohttp_client: Any) -> Any:
+    """Another app on the same settings (same database, same sandbox): a second replica."""
+    app = create_app(rig.settings, keys=rig.keys)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server(**runner_options(rig.settings))
+    return await aiohttp_client(server)
+
+
+async def test_two_gateways_on_one_database_never_send_a_refresh_token_twice(
+        make_rig: RigFactory, database_url: str, aiohttp_client: Any) -> None:
+    """2-second tokens, both refreshers running, /token hammered on both: the sandbox counts every reuse."""
+    rig = await make_rig(database_url=database_url, refresh_margin=1, sandbox_access_ttl=2)
+    await rig.connect()
+    other = await _second_gateway(rig, aiohttp_client)
+    clients = [rig.client, other]
+    answers: list[int] = []
+
+    async def hammer(client: Any) -> None:
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            resp = await client.get(rig.url("/token"), headers=rig.admin)
+            answers.append(resp.status)
+            await asyncio.sleep(0.01)
+
+    await asyncio.gather(*(hammer(c) for c in clients for _ in range(3)))
+    refreshes = sum(rig.sandbox.refresh_tokens_presented.values())
+    assert rig.sandbox.refresh_tokens_reused == 0
+    assert refreshes >= 4, refreshes  # the tokens really rotated, many times, under both replicas
+    assert set(answers) == {200}
+    account = (await other.app[STORE].reload()).accounts[str(ACCOUNT_ID)]
+    assert account.status == "connected" and account.in_flight is None
+
+
+async def test_a_callback_on_one_gateway_is_served_by_the_other(
+        make_rig: RigFactory, database_url: str, aiohttp_client: Any) -> None:
+    rig = await make_rig(database_url=database_url)
+    other = await _second_gateway(rig, aiohttp_client)
+    await rig.connect()
+    resp = await other.get(rig.url("/token"), headers=rig.admin)
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["account_id"] == str(ACCOUNT_ID)
