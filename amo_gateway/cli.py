@@ -54,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="once the vault is re-encrypted, keep only the new key (backups made under the old "
                              "keys no longer open: re-copy the key file to the off-site copy)")
     rotate.set_defaults(func=_rotate_key)
+    move = sub.add_parser("migrate-state", parents=[common], help="copy the shared state between the vault file "
+                                                                  "and PostgreSQL (idempotent, deletes nothing)")
+    move.add_argument("--to", required=True, metavar="TARGET",
+                      help="postgresql://user@host:port/database (from the vault file) or file:PATH "
+                           "(from the database of AMO_DATABASE_URL)")
+    move.set_defaults(func=_migrate_state)
     restore = sub.add_parser("restore", parents=[common],
                              help="put a vault backup back; every refresh token in it is verified with amoCRM at once")
     restore.add_argument("backup", type=Path, help="the backup file (a copy of vault.enc)")
@@ -135,10 +141,15 @@ def _rotate_key(args: argparse.Namespace) -> int:
     new_keys = vault.keys.rotated()
     write_key_file(key_file, new_keys)  # lists the old keys too: a crash before the next line loses nothing
     vault.reencrypt(new_keys)
+    resealed = _reseal(settings, new_keys)
     if args.drop_old:
+        _reseal(settings, new_keys)  # rows a replica wrote under the old key meanwhile
         new_keys = KeyRing(new_keys.keys[:1])
         Vault(settings.vault_path, new_keys).read()  # the vault opens with the new key alone before the rest go
+        _reseal(settings, new_keys)  # so does every database row (one the old key still seals fails here)
         write_key_file(key_file, new_keys)
+    if resealed is not None:
+        print(f"{resealed} database row(s) re-encrypted under the new key")
     from amo_gateway.audit import record_now
 
     record_now(settings.vault_path, new_keys, "key.rotated", key_count=len(new_keys.keys), dropped_old=args.drop_old)
@@ -175,12 +186,32 @@ def _restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reseal(settings: Settings, keys: KeyRing) -> int | None:
+    """With AMO_DATABASE_URL: re-encrypt the database rows in batches (the service may keep running)."""
+    url = settings.secret("database_url")
+    if not url:
+        return None
+    from amo_gateway.state_tools import reseal_database
+
+    return reseal_database(url, keys)
+
+
+def _migrate_state(args: argparse.Namespace) -> int:
+    from amo_gateway.state_tools import migrate_state
+
+    settings = _settings(args)
+    keys = load_keyring(settings.vault_key_file, os.environ.get("CREDENTIALS_DIRECTORY"), settings.secret("vault_key"))
+    print(migrate_state(settings.vault_path, settings.secret("database_url"), keys, args.to))
+    return 0
+
+
 def _reencrypt(args: argparse.Namespace) -> int:
     """The service user's half of a key rotation: root already put a new key first in the key file."""
     settings = _settings(args)
     vault = _vault(settings)
     vault.read()  # proves the ring still decrypts the vault before it is rewritten
     vault.reencrypt(vault.keys)
+    _reseal(settings, vault.keys)
     from amo_gateway.audit import record_now
 
     record_now(settings.vault_path, vault.keys, "key.rotated", key_count=len(vault.keys.keys))

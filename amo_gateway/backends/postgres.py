@@ -45,6 +45,7 @@ Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 log = logging.getLogger("amo_gateway.state")
 CHANNEL = "amo_gateway_state"
 RECHECK = 0.05  # seconds between catch-ups of the in-process copy on the read path (as the file backend)
+READ_WAIT = 2.0  # seconds a read waits for a connection: a probe of a database that is down answers in time
 _NOTIFY_LIMIT = 7000  # bytes; PostgreSQL caps a payload at 8000, a larger change says "everything"
 
 _LOCK_ACCOUNTS = "SELECT account_id, sealed, key_fp FROM amo_accounts WHERE account_id = ANY(%s) " \
@@ -84,6 +85,8 @@ class PgStore:
         self._changed = asyncio.Event()
         self._listening = False
         self._listener: asyncio.Task[None] | None = None
+        self._healthy = True
+        self._retry: asyncio.Task[None] | None = None
 
     @property
     def keys(self) -> KeyRing:
@@ -108,10 +111,11 @@ class PgStore:
         self._listener = asyncio.create_task(self._listen(), name="amo-gateway-state-listener")
 
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+        for task in (self._listener, self._retry):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
@@ -119,27 +123,54 @@ class PgStore:
     # --- reads: the in-process copy ---
 
     async def snapshot(self, *, recheck: bool = False) -> VaultData:
-        """The accounts as last caught up; `recheck` proves the database answers (probes) and catches up now."""
+        """The accounts as last caught up; `recheck` proves the database answers (probes) and catches up now.
+
+        With the listener up and nothing announced, the copy is current and no query is made. While the
+        database is away readers get the copy at once (an access token in it stays valid until it expires)
+        and one background task keeps trying to catch up.
+        """
+        if self._data is None or recheck:
+            self._checked_at = time.monotonic()
+            return await self._catch_up(probe=recheck)
         now = time.monotonic()
-        if self._data is not None and not recheck and now - self._checked_at < RECHECK:
-            return self._data
-        self._checked_at = now
+        if self._behind() and now - self._checked_at >= RECHECK:
+            self._checked_at = now
+            if self._healthy:
+                await self._try_catch_up()
+            elif self._retry is None or self._retry.done():
+                self._retry = asyncio.create_task(self._try_catch_up(), name="amo-gateway-state-catch-up")
+        return self._data
+
+    def _behind(self) -> bool:
+        return self._all_stale or bool(self._stale)
+
+    async def _try_catch_up(self) -> None:
         try:
-            return await self._catch_up()
-        except StateUnavailable:
-            if recheck or self._data is None:
-                raise
-            return self._data  # the database is away: what was read stays valid until its tokens expire
+            await self._catch_up(probe=False)
+        except StateUnavailable as err:
+            if self._healthy:
+                event(log, "state.unreachable", level=logging.ERROR, detail=err.detail,
+                      serving="cached accounts until their access tokens expire")
+            self._healthy = False
 
     async def reload(self) -> VaultData:
         self._all_stale = True
-        return await self._catch_up()
+        return await self._catch_up(probe=False)
 
     async def account(self, account_id: str) -> Account | None:
         return (await self.snapshot()).accounts.get(account_id)
 
-    async def _catch_up(self) -> VaultData:
+    async def _catch_up(self, *, probe: bool) -> VaultData:
         """Re-read what others changed: every account after a gap in notifications, else just the named ones."""
+        try:
+            data = await self._read_changes(probe)
+        except StateUnavailable:
+            self._healthy = False
+            raise
+        self._healthy = True
+        return data
+
+    async def _read_changes(self, probe: bool) -> VaultData:
         if self._all_stale or self._data is None:
             self._all_stale = False
             self._stale.clear()
@@ -152,7 +183,7 @@ class PgStore:
         elif self._stale:
             ids, self._stale = sorted(self._stale), set()
             await self._refetch(ids)
-        else:
+        elif probe:
             await self._fetch("SELECT 1", ())
         return self._data
 
@@ -172,7 +203,7 @@ class PgStore:
 
     async def _fetch(self, query: str | sql.Composed, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         try:
-            async with self.pool.connection() as conn:
+            async with self.pool.connection(timeout=READ_WAIT) as conn:
                 return await (await conn.execute(query, params)).fetchall()
         except psycopg.OperationalError as err:
             raise StateUnavailable(f"the PostgreSQL state is unreachable: {describe(err)}") from None
