@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install lock run test check lint typecheck evidence soak bench clean clean-dev nginx-available
+.PHONY: install lock run test check lint typecheck evidence soak bench clean clean-dev nginx-available postgresql-available
 
 install: $(STAMP)
 
@@ -25,12 +25,16 @@ lock: install
 run: install
 	$(BIN)/amo-gateway serve --config config.yaml --sandbox
 
-test: install nginx-available
+test: install nginx-available postgresql-available
 	$(BIN)/python -m pytest -q -m "not evidence"
 
 # The deployment tests run Debian's nginx for real; installed here (apt-get) when missing.
 nginx-available:
 	@bash scripts/ensure-nginx.sh
+
+# The PostgreSQL backend's tests run a real, throwaway server (tests/pg.py); Debian's package installed when missing.
+postgresql-available:
+	@bash scripts/ensure-postgresql.sh
 
 lint: install
 	$(BIN)/ruff check amo_gateway tests scripts
