@@ -32,7 +32,6 @@ from amo_gateway.logs import event
 from amo_gateway.manager import TokenManager
 from amo_gateway.metrics import Metrics
 from amo_gateway.proxy_paths import forwarded_target
-from amo_gateway.ratelimit import Limiters
 from amo_gateway.refresh_budget import RefreshBudget
 from amo_gateway.settings import Settings
 
@@ -110,7 +109,8 @@ class Proxy:
         self.auth = auth
         self.metrics = metrics
         self.audit = audit
-        self.limiters = Limiters(settings.rate_limit, settings.proxy_queue, window=1.0 + settings.rate_guard)
+        self.limiters = manager.store.limiters(settings.rate_limit, settings.proxy_queue,
+                                               window=1.0 + settings.rate_guard)
         self.breakers = Breakers(settings.breaker_cooldown, time.monotonic)
         self.budget = RefreshBudget(settings.proxy_refresh_interval)
         self.idempotency = IdempotencyStore(settings.idempotency_window, settings.idempotency_max_bytes,

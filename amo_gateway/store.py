@@ -12,6 +12,7 @@ from amo_gateway.errors import VaultUndecryptable
 from amo_gateway.flows import _add_state, _forget, _pop_state, _release, _reserve
 from amo_gateway.locks import RefreshLocks
 from amo_gateway.manager import _apply, _claim
+from amo_gateway.ratelimit import Limiters
 from amo_gateway.tokens import Account, PendingState, VaultData
 from amo_gateway.vault import KeyRing, Signature, Unchanged, Vault
 
@@ -132,3 +133,7 @@ class Store:
     def refresh_locks(self) -> RefreshLocks:
         """fcntl record locks in `<vault>.refresh.lock`, beside the vault every process shares."""
         return RefreshLocks(self.vault.path.with_name(self.vault.path.name + ".refresh.lock"))
+
+    def limiters(self, limit: int, queue: int, *, window: float) -> Limiters:
+        """In-process limiters: the file backend is one gateway process per machine."""
+        return Limiters(limit, queue, window=window)

@@ -55,3 +55,24 @@ async def test_a_callback_on_one_gateway_is_served_by_the_other(
     resp = await other.get(rig.url("/token"), headers=rig.admin)
     assert resp.status == 200, await resp.text()
     assert (await resp.json())["account_id"] == str(ACCOUNT_ID)
+
+
+async def test_two_gateways_proxying_a_burst_keep_amocrm_at_seven_a_second(
+        make_rig: RigFactory, database_url: str, aiohttp_client: Any) -> None:
+    """The 7 rps budget is the account's, not the replica's: 40 calls split over two replicas never put more
+    than 7 into any one-second span at amoCRM, and both replicas' callers get through (neither starves)."""
+    rig = await make_rig(database_url=database_url, rate_guard=0.05, proxy_queue=100)
+    await rig.connect()
+    other = await _second_gateway(rig, aiohttp_client)
+    done: dict[int, list[float]] = {0: [], 1: []}
+    start = time.monotonic()
+
+    async def call(n: int, client: Any) -> None:
+        resp = await client.get(rig.url("/proxy/api/v4/leads"), headers=rig.admin)
+        assert resp.status == 200, await resp.text()
+        done[n].append(time.monotonic() - start)
+
+    await asyncio.gather(*(call(n % 2, (rig.client, other)[n % 2]) for n in range(40)))
+    assert rig.sandbox.max_requests_in_window(ACCOUNT_ID) <= 7
+    assert len(done[0]) == len(done[1]) == 20
+    assert min(done[0]) < 2 and min(done[1]) < 2  # both replicas got sends in early, not one after the other

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Protocol
 
+from amo_gateway.ratelimit import Limiters
 from amo_gateway.tokens import Account, InFlight, PendingState, VaultData
 
 if TYPE_CHECKING:
@@ -98,3 +99,6 @@ class StateStore(Protocol):
 
     def refresh_locks(self) -> RefreshLockSet:
         """The per-account refresh locks that exclude every process sharing this state."""
+
+    def limiters(self, limit: int, queue: int, *, window: float) -> Limiters:
+        """The per-account amoCRM budgets: per process for the file, shared by every replica in PostgreSQL."""

@@ -29,6 +29,7 @@ from psycopg import sql
 
 from amo_gateway.backends.base import Claim
 from amo_gateway.backends.pg_locks import PgRefreshLocks
+from amo_gateway.backends.pg_rate import SharedLimiters
 from amo_gateway.backends.pg_schema import Pool, Sealer, describe, migrate, open_pool
 from amo_gateway.errors import StateUnavailable
 from amo_gateway.flows import _add_state, _forget, _pop_state, _release, _reserve
@@ -380,6 +381,9 @@ class PgStore:
 
     def refresh_locks(self) -> PgRefreshLocks:
         return PgRefreshLocks(self.pool, self._lease_seconds)
+
+    def limiters(self, limit: int, queue: int, *, window: float) -> SharedLimiters:
+        return SharedLimiters(self.pool, limit, queue, window=window)
 
     # --- operator tools (migrate-state, rotate-key) ---
 
