@@ -137,3 +137,7 @@ class Store:
     def limiters(self, limit: int, queue: int, *, window: float) -> Limiters:
         """In-process limiters: the file backend is one gateway process per machine."""
         return Limiters(limit, queue, window=window)
+
+    def degraded(self) -> str | None:
+        """Never: a file that cannot be read fails the read itself."""
+        return None

@@ -157,12 +157,15 @@ async def test_with_the_database_down_readyz_says_so_and_token_serves_the_cached
         make_rig: RigFactory, own_server: ThrowawayPostgres) -> None:
     rig = await make_rig(database_url=own_server.database())
     await rig.connect()
-    before = await (await rig.client.get(rig.url("/token"), headers=rig.admin)).json()
+    fine = await rig.client.get(rig.url("/token"), headers=rig.admin)
+    before = await fine.json()
+    assert "Warning" not in fine.headers
     own_server.stop()
     ready = await rig.client.get("/readyz")
     assert ready.status == 503 and (await ready.json())["reason"] == "state_unavailable"
     token = await rig.client.get(rig.url("/token"), headers=rig.admin)
     assert token.status == 200 and (await token.json())["access_token"] == before["access_token"]
+    assert "database is unreachable" in token.headers["Warning"]
     own_server.start()
     for _ in range(100):
         if (await rig.client.get("/readyz")).status == 200:

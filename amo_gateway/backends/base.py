@@ -102,3 +102,6 @@ class StateStore(Protocol):
 
     def limiters(self, limit: int, queue: int, *, window: float) -> Limiters:
         """The per-account amoCRM budgets: per process for the file, shared by every replica in PostgreSQL."""
+
+    def degraded(self) -> str | None:
+        """Why reads may be served from a copy that cannot catch up (the database is unreachable), else None."""

@@ -142,6 +142,9 @@ class PgStore:
                 self._retry = asyncio.create_task(self._try_catch_up(), name="amo-gateway-state-catch-up")
         return self._data
 
+    def degraded(self) -> str | None:
+        return None if self._healthy else "the shared state's database is unreachable"
+
     def _behind(self) -> bool:
         return self._all_stale or bool(self._stale)
 
