@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, TypeVar
 from amo_gateway.backends.base import Claim
 from amo_gateway.errors import VaultUndecryptable
 from amo_gateway.flows import _add_state, _forget, _pop_state, _release, _reserve
+from amo_gateway.idempotency import IdempotencyStore, LocalAnswers
 from amo_gateway.locks import RefreshLocks
 from amo_gateway.manager import _apply, _claim
 from amo_gateway.ratelimit import Limiters
@@ -141,3 +142,7 @@ class Store:
     def degraded(self) -> str | None:
         """Never: a file that cannot be read fails the read itself."""
         return None
+
+    def answers(self, window: float, max_bytes: int, *, on_evict: Callable[[], None] | None = None) -> LocalAnswers:
+        """In-process answers under a byte cap, as before: one gateway process per machine."""
+        return LocalAnswers(IdempotencyStore(window, max_bytes, on_evict=on_evict))

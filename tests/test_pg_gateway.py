@@ -76,3 +76,24 @@ async def test_two_gateways_proxying_a_burst_keep_amocrm_at_seven_a_second(
     assert rig.sandbox.max_requests_in_window(ACCOUNT_ID) <= 7
     assert len(done[0]) == len(done[1]) == 20
     assert min(done[0]) < 2 and min(done[1]) < 2  # both replicas got sends in early, not one after the other
+
+
+async def test_an_idempotent_retry_on_the_other_gateway_is_replayed(
+        make_rig: RigFactory, database_url: str, aiohttp_client: Any) -> None:
+    """A POST with Idempotency-Key through one replica, its retry through the other: amoCRM sees it once."""
+    rig = await make_rig(database_url=database_url)
+    await rig.connect()
+    other = await _second_gateway(rig, aiohttp_client)
+    url, keyed = rig.url("/proxy/api/v4/leads"), {**rig.admin, "Idempotency-Key": "create-7"}
+    first = await rig.client.post(url, json=[{"name": "a"}], headers=keyed)
+    second = await other.post(url, json=[{"name": "a"}], headers=keyed)
+    assert (first.status, second.status) == (200, 200)
+    assert await first.read() == await second.read()
+    assert second.headers["Idempotent-Replayed"] == "true"
+    assert rig.sandbox.hits["api"] == 1
+    misuse = await other.patch(url, json=[{"name": "a"}], headers=keyed)
+    assert (misuse.status, (await misuse.json())["error"]) == (409, "idempotency_conflict")
+    racing = [c.post(url, json=[{"name": "b"}], headers={**rig.admin, "Idempotency-Key": "race"})
+              for c in (rig.client, other) for _ in range(3)]
+    statuses = sorted([(await r.read(), r.status)[1] for r in await asyncio.gather(*racing)])
+    assert rig.sandbox.hits["api"] == 2 and statuses.count(200) >= 1  # the rest replayed or told "in flight"

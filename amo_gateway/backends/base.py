@@ -10,10 +10,11 @@ over the rows it locked, so both backends decide alike.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Protocol
 
+from amo_gateway.idempotency import Answers
 from amo_gateway.ratelimit import Limiters
 from amo_gateway.tokens import Account, InFlight, PendingState, VaultData
 
@@ -105,3 +106,6 @@ class StateStore(Protocol):
 
     def degraded(self) -> str | None:
         """Why reads may be served from a copy that cannot catch up (the database is unreachable), else None."""
+
+    def answers(self, window: float, max_bytes: int, *, on_evict: Callable[[], None] | None = None) -> Answers:
+        """Where the proxy remembers Idempotency-Key answers: this process, or every replica's database."""

@@ -28,6 +28,7 @@ import psycopg
 from psycopg import sql
 
 from amo_gateway.backends.base import Claim
+from amo_gateway.backends.pg_answers import SharedAnswers
 from amo_gateway.backends.pg_locks import PgRefreshLocks
 from amo_gateway.backends.pg_rate import SharedLimiters
 from amo_gateway.backends.pg_schema import Pool, Sealer, describe, migrate, open_pool
@@ -387,6 +388,10 @@ class PgStore:
 
     def limiters(self, limit: int, queue: int, *, window: float) -> SharedLimiters:
         return SharedLimiters(self.pool, limit, queue, window=window)
+
+    def answers(self, window: float, max_bytes: int, *, on_evict: Callable[[], None] | None = None) -> SharedAnswers:
+        """Shared answers; the in-memory byte cap does not apply (rows expire with their window instead)."""
+        return SharedAnswers(self.pool, self._sealer, window)
 
     # --- operator tools (migrate-state, rotate-key) ---
 
