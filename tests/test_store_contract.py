@@ -8,6 +8,7 @@ is used up once, a slot holds, a lock excludes, and a change by one wakes the ot
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import textwrap
@@ -246,3 +247,18 @@ async def test_two_processes_taking_turns_never_spend_one_refresh_token_twice(
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outputs]
     spent = [token for out, _ in outputs for token in out.decode().split()]
     assert len(spent) == 30 and len(set(spent)) == 30
+
+
+@pytest.mark.parametrize(("ci", "verdict"), [("true", "1 error"), ("", "1 skipped")])
+async def test_without_postgresql_ci_fails_loudly_and_a_laptop_skips(tmp_path: Path, ci: str, verdict: str) -> None:
+    """The database fixtures, in a pytest of their own where no server can be found."""
+    probe = tmp_path / "test_probe.py"
+    probe.write_text("def test_needs_postgres(database_url):\n    assert database_url\n")
+    env = {**os.environ, "CI": ci, "AMO_TEST_POSTGRES": "absent", "PYTHONPATH": str(ROOT)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.conftest", str(probe),
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = (await asyncio.wait_for(proc.communicate(), 120))[0].decode()
+    assert verdict in out, out[-1500:]
+    if ci:
+        assert "CI needs a real PostgreSQL" in out
