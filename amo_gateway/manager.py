@@ -132,13 +132,13 @@ class TokenManager:
             return await self._claimed_run([account_id], seen, skip_locked=False)
 
     async def _refresh_batch(self, account_ids: list[str]) -> list[Outcome]:
-        held = [a for a in account_ids if await self.locks.try_hold(a)]
-        skipped = [Outcome(a, "skipped") for a in account_ids if a not in held]
+        held = await self.locks.try_hold_many(account_ids)
+        taken = set(held)
+        skipped = [Outcome(a, "skipped") for a in account_ids if a not in taken]
         try:
             return skipped + (await self._claimed_run(held, None, skip_locked=True) if held else [])
         finally:
-            for account_id in held:
-                await self.locks.release(account_id)
+            await self.locks.release_many(held)
 
     async def _claimed_run(self, account_ids: list[str], seen: str | None, *, skip_locked: bool) -> list[Outcome]:
         """Claim (one write), call amoCRM (bounded concurrency), store every result (one write)."""

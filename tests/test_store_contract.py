@@ -262,3 +262,17 @@ async def test_without_postgresql_ci_fails_loudly_and_a_laptop_skips(tmp_path: P
     assert verdict in out, out[-1500:]
     if ci:
         assert "CI needs a real PostgreSQL" in out
+
+
+async def test_batch_locks_take_only_what_nobody_holds(make_store: MakeStore) -> None:
+    locks = (await make_store()).refresh_locks()
+    try:
+        assert await locks.try_hold("2") is True
+        assert await locks.try_hold_many(["1", "2", "3", "1"]) == ["1", "3"]
+        assert await locks.try_hold_many(["1", "3"]) == []
+        await locks.release_many(["1", "3"])
+        await locks.release("2")
+        assert await locks.try_hold_many(["1", "2", "3"]) == ["1", "2", "3"]
+        await locks.release_many(["1", "2", "3"])
+    finally:
+        locks.close()

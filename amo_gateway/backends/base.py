@@ -36,6 +36,12 @@ class RefreshLockSet(Protocol):
     async def release(self, account_id: str) -> None:
         """Give back a lock taken by `try_hold`."""
 
+    async def try_hold_many(self, account_ids: Sequence[str]) -> list[str]:
+        """`try_hold` for a batch (one round trip where the backend allows); returns the ids now held."""
+
+    async def release_many(self, account_ids: Sequence[str]) -> None:
+        """`release` for a batch."""
+
     def close(self) -> None:
         """Drop whatever the lock set holds open (a file descriptor)."""
 

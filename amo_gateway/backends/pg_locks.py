@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import psycopg
 
@@ -30,6 +30,16 @@ VALUES (%(account)s, %(holder)s, clock_timestamp() + make_interval(secs => %(sec
 ON CONFLICT (account_id) DO UPDATE SET holder = EXCLUDED.holder, until = EXCLUDED.until
     WHERE amo_refresh_leases.until < clock_timestamp()
 RETURNING 1
+"""
+
+
+_TAKE_MANY = """
+INSERT INTO amo_refresh_leases (account_id, holder, until)
+SELECT account_id, %(holder)s, clock_timestamp() + make_interval(secs => %(seconds)s)
+FROM unnest(%(accounts)s::text[]) AS account_id
+ON CONFLICT (account_id) DO UPDATE SET holder = EXCLUDED.holder, until = EXCLUDED.until
+    WHERE amo_refresh_leases.until < clock_timestamp()
+RETURNING account_id
 """
 
 
@@ -76,6 +86,29 @@ class PgRefreshLocks:
         finally:
             self._local(account_id).release()
 
+    async def try_hold_many(self, account_ids: Sequence[str]) -> list[str]:
+        """One statement for the whole batch: leases taken for the accounts no live lease holds."""
+        local = [a for a in dict.fromkeys(account_ids) if not self._local(a).locked()]
+        for account_id in local:
+            await self._local(account_id).acquire()  # uncontended: returns without suspending
+        try:
+            taken = set(await self._take_many(local)) if local else set()
+        except BaseException:
+            for account_id in local:
+                self._local(account_id).release()
+            raise
+        for account_id in local:
+            if account_id not in taken:
+                self._local(account_id).release()
+        return [a for a in local if a in taken]
+
+    async def release_many(self, account_ids: Sequence[str]) -> None:
+        try:
+            await self._give_back_many(list(account_ids))
+        finally:
+            for account_id in account_ids:
+                self._local(account_id).release()
+
     def _local(self, account_id: str) -> asyncio.Lock:
         return self._locks.setdefault(account_id, asyncio.Lock())
 
@@ -87,6 +120,24 @@ class PgRefreshLocks:
                 return await cur.fetchone() is not None
         except psycopg.Error as err:
             raise StateUnavailable(f"the database is unreachable: {describe(err)}") from None
+
+    async def _take_many(self, account_ids: list[str]) -> list[str]:
+        try:
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(_TAKE_MANY, {"accounts": account_ids, "holder": self._holder,
+                                                      "seconds": self._seconds})
+                return [row[0] for row in await cur.fetchall()]
+        except psycopg.Error as err:
+            raise StateUnavailable(f"the database is unreachable: {describe(err)}") from None
+
+    async def _give_back_many(self, account_ids: list[str]) -> None:
+        try:
+            async with self._pool.connection() as conn:
+                await conn.execute("DELETE FROM amo_refresh_leases WHERE account_id = ANY(%s) AND holder = %s",
+                                   (account_ids, self._holder))
+        except psycopg.Error as err:
+            event(log, "state.lease_kept", level=logging.WARNING, accounts=len(account_ids), detail=describe(err),
+                  expires_in=self._seconds)
 
     async def _give_back(self, account_id: str) -> None:
         """Best effort: a lease that cannot be deleted now simply expires."""
