@@ -200,11 +200,10 @@ class PgStore:
             self._stale.update(ids)
             raise
         assert self._data is not None
-        accounts = dict(self._data.accounts)  # a new dict: a caller may still iterate the old one
-        for account_id in ids:
+        accounts = self._data.accounts  # changed in place (O(changes), not O(accounts)): readers iterate it
+        for account_id in ids:  # synchronously, so no reader ever sees it change under its loop
             accounts.pop(account_id, None)
         accounts.update({r[0]: self._account(r) for r in rows})
-        self._data = VaultData(accounts=accounts)
 
     async def _fetch(self, query: str | sql.Composed, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         try:
@@ -335,11 +334,10 @@ class PgStore:
         """Our own committed write, visible to this process's readers at once."""
         if self._data is None:
             return
-        accounts = dict(self._data.accounts)
+        accounts = self._data.accounts  # in place, as in _refetch
         for account_id in before.accounts:
             accounts.pop(account_id, None)
         accounts.update(after.accounts)
-        self._data = VaultData(accounts=accounts)
 
     # --- changes made elsewhere ---
 
