@@ -173,3 +173,34 @@ async def test_with_the_database_down_readyz_says_so_and_token_serves_the_cached
         await asyncio.sleep(0.1)
     else:
         raise AssertionError("/readyz never recovered after the database came back")
+
+
+async def test_two_gateways_through_a_database_restart_never_send_a_refresh_token_twice(
+        make_rig: RigFactory, own_server: ThrowawayPostgres, aiohttp_client: Any) -> None:
+    """2-second tokens, two replicas refreshing and serving /token, the database stopped for a second and
+    started again midway: no refresh token reaches amoCRM twice, and the account comes out connected."""
+    rig = await make_rig(database_url=own_server.database(), refresh_margin=1, sandbox_access_ttl=2)
+    await rig.connect()
+    other = await _second_gateway(rig, aiohttp_client)
+    statuses: list[int] = []
+
+    async def hammer(client: Any) -> None:
+        for _ in range(300):
+            statuses.append((await client.get(rig.url("/token"), headers=rig.admin)).status)
+            await asyncio.sleep(0.02)
+
+    async def restart() -> None:
+        await asyncio.sleep(2)
+        await asyncio.to_thread(own_server.stop)
+        await asyncio.sleep(1)
+        await asyncio.to_thread(own_server.start)
+
+    await asyncio.gather(hammer(rig.client), hammer(other), restart())
+    for _ in range(100):  # both replicas settle after the restart
+        if (await rig.client.get(rig.url("/token"), headers=rig.admin)).status == 200:
+            break
+        await asyncio.sleep(0.1)
+    assert rig.sandbox.refresh_tokens_reused == 0
+    assert set(statuses) <= {200, 503} and statuses.count(200) > len(statuses) / 2
+    account = (await other.app[STORE].reload()).accounts[str(ACCOUNT_ID)]
+    assert account.status == "connected", account.reason
