@@ -79,12 +79,21 @@ class Sealer:
     """Seals rows under the vault key ring; a row sealed by a key this ring lacks reloads the ring once."""
 
     def __init__(self, keys: KeyRing, key_source: Callable[[], KeyRing] | None) -> None:
-        self.keys = keys
         self._key_source = key_source
+        self.keys = keys
+
+    @property
+    def keys(self) -> KeyRing:
+        return self._keys
+
+    @keys.setter
+    def keys(self, keys: KeyRing) -> None:
+        self._keys = keys
+        self._fps = [key_fp(k) for k in keys.keys]  # once per ring, not once per row
 
     @property
     def primary_fp(self) -> str:
-        return key_fp(self.keys.keys[0])
+        return self._fps[0]
 
     def seal(self, raw: dict[str, Any]) -> tuple[bytes, str]:
         """(Fernet token of the JSON, fingerprint of the key that sealed it)."""
@@ -92,7 +101,7 @@ class Sealer:
 
     def open(self, sealed: bytes, fp: str) -> dict[str, Any]:
         """The row's JSON; after `rotate-key` wrote a new key file, the first row under the new key reloads it."""
-        if fp not in {key_fp(k) for k in self.keys.keys} and self._key_source is not None:
+        if fp not in self._fps and self._key_source is not None:
             fresh = self._key_source()
             if fresh.keys:
                 self.keys = fresh
