@@ -28,7 +28,7 @@ from amo_gateway.sandbox import (
 from amo_gateway.serve import runner_options
 from amo_gateway.settings import PREFIX, Settings
 from amo_gateway.vault import KeyRing, Vault
-from tests.pg import ThrowawayPostgres, throwaway_postgres
+from tests.pg import PgVaultView, ThrowawayPostgres, throwaway_postgres
 
 LOGIN = "demo@example.com"
 API_KEY = "sandbox-api-key-for-tests"
@@ -84,7 +84,9 @@ class Rig:
         return f"{PREFIX}{path}"
 
     def vault(self) -> Vault:
-        return Vault(self.settings.vault_path, self.keys)
+        """The stored state as a Vault (the file, or with AMO_DATABASE_URL the database seen alike)."""
+        url = self.settings.secret("database_url")
+        return PgVaultView(url, self.keys) if url else Vault(self.settings.vault_path, self.keys)  # type: ignore[return-value]
 
     async def connect(self) -> dict[str, Any]:
         """The seed's story: exchange, amoCRM's own callback arrives, the pair is stored."""
@@ -135,10 +137,17 @@ def keys() -> KeyRing:
 
 
 @pytest.fixture
-async def make_rig(tmp_path: Path, keys: KeyRing, aiohttp_client: Any) -> RigFactory:
-    """Build a rig; keyword arguments override gateway settings, `sandbox_*` ones the sandbox config."""
+async def make_rig(tmp_path: Path, keys: KeyRing, aiohttp_client: Any, request: pytest.FixtureRequest) -> RigFactory:
+    """Build a rig; keyword arguments override gateway settings, `sandbox_*` ones the sandbox config.
+
+    AMO_TEST_BACKEND=postgres runs every rig on a fresh PostgreSQL database instead of the vault file (tests
+    that read the vault file themselves then fail for that reason, not for the gateway's behaviour).
+    """
 
     async def build(*, clock: Any = None, run_refresher: bool = True, resolver: Any = None, **overrides: Any) -> Rig:
+        if os.environ.get("AMO_TEST_BACKEND") == "postgres" and "database_url" not in overrides:
+            shared.append(shared[0] if shared else request.getfixturevalue("postgres").database())
+            overrides["database_url"] = shared[0]  # one database per test: a "restarted" rig finds its state
         sandbox_opts = {k[len("sandbox_"):]: overrides.pop(k) for k in list(overrides) if k.startswith("sandbox_")}
         port = free_port()
         redirect = f"http://127.0.0.1:{port}{PREFIX}/callback"
@@ -173,6 +182,7 @@ async def make_rig(tmp_path: Path, keys: KeyRing, aiohttp_client: Any) -> RigFac
         return rig
 
     cleanups: list[Callable[[], Awaitable[None]]] = []
+    shared: list[str] = []
     yield build  # type: ignore[misc]
     for close in cleanups:
         await close()

@@ -10,6 +10,7 @@ without it the PostgreSQL tests skip, except under CI=true, where a missing serv
 from __future__ import annotations
 
 import glob
+import json
 import os
 import pwd
 import secrets
@@ -17,11 +18,18 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psycopg
+from psycopg import sql
+
+from amo_gateway.backends.pg_schema import Sealer
+from amo_gateway.backends.postgres import _UPSERT_ACCOUNT, _UPSERT_SLOT, _UPSERT_STATE, CHANNEL
+from amo_gateway.tokens import Account, PendingState, VaultData
+from amo_gateway.vault import KeyRing, Unchanged
 
 
 def _bindir() -> Path | None:
@@ -108,3 +116,59 @@ def throwaway_postgres() -> Iterator[ThrowawayPostgres | str]:
         yield server
     finally:
         server.destroy()
+
+
+class PgVaultView:
+    """The database seen the way tests written for the file see the vault: `read`, `load`, `update`, blocking.
+
+    Lets the whole suite run on PostgreSQL (AMO_TEST_BACKEND=postgres): an update locks the tables, runs the
+    change over everything, writes the difference and tells the gateways (NOTIFY) to re-read.
+    """
+
+    def __init__(self, url: str, keys: KeyRing) -> None:
+        self.url = url
+        self.keys = keys
+        self._sealer = Sealer(keys, None)
+
+    def read(self) -> tuple[VaultData, None]:
+        return self.load(), None
+
+    def load(self) -> VaultData:
+        with psycopg.connect(self.url) as conn:
+            return self._load(conn)
+
+    def update(self, change: Callable[[VaultData], Any]) -> tuple[Any, VaultData, None]:
+        with psycopg.connect(self.url) as conn, conn.transaction():
+            conn.execute("LOCK TABLE amo_accounts, amo_states, amo_exchange_slots IN EXCLUSIVE MODE")
+            data = self._load(conn)
+            before = data.copy()
+            result = change(data)
+            if isinstance(result, Unchanged):
+                return result.value, data, None
+            self._write(conn, before, data)
+            conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, json.dumps({"w": "tests", "all": True})))
+        return result, data, None
+
+    def _load(self, conn: psycopg.Connection[Any]) -> VaultData:
+        accounts = conn.execute("SELECT account_id, sealed, key_fp FROM amo_accounts").fetchall()
+        states = conn.execute("SELECT state_key, sealed, key_fp FROM amo_states").fetchall()
+        slots = conn.execute("SELECT slot, until FROM amo_exchange_slots").fetchall()
+        return VaultData(accounts={r[0]: Account.from_dict(self._sealer.open(r[1], r[2])) for r in accounts},
+                         states={r[0]: PendingState(**self._sealer.open(r[1], r[2])) for r in states},
+                         exchange_slots={r[0]: float(r[1]) for r in slots})
+
+    def _write(self, conn: psycopg.Connection[Any], before: VaultData, after: VaultData) -> None:
+        with conn.cursor() as cur:
+            cur.executemany(_UPSERT_ACCOUNT, [(k, *self._sealer.seal(a.to_dict())) for k, a in after.accounts.items()
+                                              if before.accounts.get(k) is not a])
+            cur.executemany(_UPSERT_STATE, [(k, *self._sealer.seal(dict(vars(s))), s.expires_at)
+                                            for k, s in after.states.items() if before.states.get(k) != s])
+            cur.executemany(_UPSERT_SLOT, [(k, t) for k, t in after.exchange_slots.items()
+                                           if before.exchange_slots.get(k) != t])
+        for table, key, old, new in (("amo_accounts", "account_id", before.accounts, after.accounts),
+                                     ("amo_states", "state_key", before.states, after.states),
+                                     ("amo_exchange_slots", "slot", before.exchange_slots, after.exchange_slots)):
+            gone = [k for k in old if k not in new]
+            if gone:
+                query = sql.SQL("DELETE FROM {} WHERE {} = ANY(%s)").format(sql.Identifier(table), sql.Identifier(key))
+                conn.execute(query, (gone,))
