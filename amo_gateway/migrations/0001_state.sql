@@ -8,6 +8,7 @@ CREATE TABLE amo_accounts (
     key_fp      text NOT NULL,
     updated_at  timestamptz NOT NULL DEFAULT clock_timestamp()
 );
+CREATE INDEX amo_accounts_updated ON amo_accounts (updated_at);  -- a probe's "what changed lately"
 
 CREATE TABLE amo_states (
     state_key   text PRIMARY KEY,               -- SHA-256 of the issued state, never the state itself
