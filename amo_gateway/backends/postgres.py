@@ -49,6 +49,8 @@ log = logging.getLogger("amo_gateway.state")
 CHANNEL = "amo_gateway_state"
 RECHECK = 0.05  # seconds between catch-ups of the in-process copy on the read path (as the file backend)
 RECENT_OVERLAP = datetime.timedelta(seconds=5)  # a row's updated_at is taken before its transaction commits
+# (a probe re-reads rows written since 5 s before the previous probe: a transaction longer than that is not seen
+# by the probe, only by its NOTIFY)
 READ_WAIT = 2.0  # seconds a read waits for a connection: a probe of a database that is down answers in time
 _NOTIFY_LIMIT = 7000  # bytes; PostgreSQL caps a payload at 8000, a larger change says "everything"
 
@@ -91,7 +93,7 @@ class PgStore:
         self._listener: asyncio.Task[None] | None = None
         self._healthy = True
         self._retry: asyncio.Task[None] | None = None
-        self._seen_upto: datetime.datetime | None = None  # the newest updated_at read so far
+        self._seen_upto: datetime.datetime | None = None  # the database's clock at the last catch-up
 
     @property
     def keys(self) -> KeyRing:
@@ -188,29 +190,24 @@ class PgStore:
             self._stale.clear()
             try:
                 started = (await self._fetch("SELECT clock_timestamp()", ()))[0][0]
-                rows = await self._fetch("SELECT account_id, sealed, key_fp, updated_at FROM amo_accounts", ())
+                rows = await self._fetch("SELECT account_id, sealed, key_fp FROM amo_accounts", ())
             except StateUnavailable:
                 self._all_stale = True
                 raise
             self._data = VaultData(accounts={r[0]: self._account(r) for r in rows})
-            self._seen_upto = started
-            self._note_seen(rows)
+            self._seen_upto = started  # the next probe re-reads rows written since shortly before this read
             return self._data
         if self._stale:
             ids, self._stale = sorted(self._stale), set()
             await self._refetch(ids)
         if probe:  # a write whose NOTIFY is still on its way (or lost): rows changed since just before the last seen
             assert self._seen_upto is not None
-            rows = await self._fetch("SELECT account_id, sealed, key_fp, updated_at FROM amo_accounts "
-                                     "WHERE updated_at > %s", (self._seen_upto - RECENT_OVERLAP,))
-            self._data.accounts.update({r[0]: self._account(r) for r in rows})
-            self._note_seen(rows)
+            rows = await self._fetch("SELECT account_id, sealed, key_fp, clock_timestamp() FROM amo_accounts "
+                                     "WHERE updated_at > %s UNION ALL SELECT NULL, NULL, NULL, clock_timestamp()",
+                                     (self._seen_upto - RECENT_OVERLAP,))
+            self._data.accounts.update({r[0]: self._account(r) for r in rows if r[0] is not None})
+            self._seen_upto = rows[-1][3]
         return self._data
-
-    def _note_seen(self, rows: list[tuple[Any, ...]]) -> None:
-        latest = max((r[3] for r in rows), default=None)
-        if latest is not None and (self._seen_upto is None or latest > self._seen_upto):
-            self._seen_upto = latest
 
     async def _refetch(self, ids: list[str]) -> None:
         try:
