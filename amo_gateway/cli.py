@@ -17,7 +17,7 @@ from amo_gateway import logs
 from amo_gateway.accounts import account_summary, account_url, amo_subdomain, configured_hosts, host_of
 from amo_gateway.errors import ConfigError, GatewayError
 from amo_gateway.settings import Settings, load_settings
-from amo_gateway.tokens import Account, TokenPair, decode_claims
+from amo_gateway.tokens import Account, TokenPair, VaultData, decode_claims
 from amo_gateway.vault import KeyRing, Vault, load_keyring, write_key_file
 
 
@@ -200,8 +200,7 @@ def _migrate_state(args: argparse.Namespace) -> int:
     from amo_gateway.state_tools import migrate_state
 
     settings = _settings(args)
-    keys = load_keyring(settings.vault_key_file, os.environ.get("CREDENTIALS_DIRECTORY"), settings.secret("vault_key"))
-    print(migrate_state(settings.vault_path, settings.secret("database_url"), keys, args.to))
+    print(migrate_state(settings.vault_path, settings.secret("database_url"), _keys(settings), args.to))
     return 0
 
 
@@ -248,8 +247,7 @@ def _forget(args: argparse.Namespace) -> int:
     from amo_gateway.audit import record_now
 
     settings = _settings(args)
-    vault = _vault(settings)
-    data, _ = vault.read()
+    data = _stored(settings)
     matches = [a for a in data.accounts.values() if args.account in (a.account_id, a.subdomain)]
     if not matches:
         raise ConfigError(f"no account {args.account[:64]!r} in the vault (see `amo-gateway status`)")
@@ -257,8 +255,15 @@ def _forget(args: argparse.Namespace) -> int:
     if not args.yes and not _confirm(f"forget account {account_id} ({matches[0].base_url}) and its tokens?"):
         print("nothing changed")
         return 1
-    vault.update(lambda d: d.accounts.pop(account_id, None))
-    record_now(settings.vault_path, vault.keys, "account.forgotten", account=account_id, by="cli")
+    url = settings.secret("database_url")
+    if url:
+        from amo_gateway.state_tools import forget_in_database
+
+        forget_in_database(url, _keys(settings), account_id)
+        settings.vault_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # the audit trail's home
+    else:
+        _vault(settings).update(lambda d: d.accounts.pop(account_id, None))
+    record_now(settings.vault_path, _keys(settings), "account.forgotten", account=account_id, by="cli")
     print(f"account {account_id} forgotten; reconnect it with `amo-gateway reconnect` when needed")
     return 0
 
@@ -299,9 +304,23 @@ Then `amo-gateway status` shows the account connected.""")
     return 0
 
 
+def _stored(settings: Settings) -> VaultData:
+    """Every account as stored: in the database when AMO_DATABASE_URL is set, else in the vault file."""
+    url = settings.secret("database_url")
+    if not url:
+        return _vault(settings).read()[0]
+    from amo_gateway.state_tools import export_database
+
+    return export_database(url, _keys(settings))
+
+
+def _keys(settings: Settings) -> KeyRing:
+    return load_keyring(settings.vault_key_file, os.environ.get("CREDENTIALS_DIRECTORY"), settings.secret("vault_key"))
+
+
 def _status(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    data, _ = _vault(settings).read()
+    data = _stored(settings)
     rows = [account_summary(a, time.time()) for a in data.accounts.values()]
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -80,3 +80,19 @@ def reseal_database(url: str, keys: KeyRing) -> int:
             return await store.reseal()
 
     return asyncio.run(run())
+
+
+def export_database(url: str, keys: KeyRing) -> VaultData:
+    """Everything the database holds, decrypted (`status`, `forget`)."""
+    return asyncio.run(_export(url, keys))
+
+
+def forget_in_database(url: str, keys: KeyRing, account_id: str) -> bool:
+    """Remove one account in one transaction; the replicas hear of it (NOTIFY) and stop refreshing it."""
+    async def run() -> bool:
+        from amo_gateway.backends.postgres import opened
+
+        async with opened(url, keys) as store:
+            return await store.forget(account_id)
+
+    return asyncio.run(run())

@@ -4,6 +4,7 @@ by two replicas, migrate-state both ways, a connection lost mid-refresh, and a d
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -222,3 +223,20 @@ async def test_a_miss_catches_up_without_reading_every_account(database_url: str
     assert set(opened) == {"new"}  # (announced and recent: read once or twice, never the other 300)
     await writer.close()
     await reader.close()
+
+
+async def test_status_and_forget_work_on_the_database(tmp_path: Path, database_url: str) -> None:
+    key_file = tmp_path / "vault-key"
+    key_file.write_text(Fernet.generate_key().decode() + "\n")
+    store = await _opened(database_url, KeyRing.parse(key_file.read_text()))
+    await store.put_account(_account("7"))
+    env = {"AMO_VAULT_KEY_FILE": str(key_file), "AMO_VAULT_PATH": str(tmp_path / "state" / "vault.enc"),
+           "AMO_DATABASE_URL": database_url}
+    status = await asyncio.to_thread(_cli, "status", "--json", env=env)
+    assert status.returncode == 0, status.stderr
+    assert [row["account_id"] for row in json.loads(status.stdout)] == ["7"]
+    forgotten = await asyncio.to_thread(_cli, "forget", "acme", "--yes", env=env)
+    assert forgotten.returncode == 0, forgotten.stderr
+    assert (await store.reload()).accounts == {}
+    assert not (tmp_path / "state" / "vault.enc").exists()  # the database was changed, not a vault file
+    await store.close()
