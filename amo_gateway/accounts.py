@@ -49,6 +49,34 @@ def amo_subdomain(host: str, base_domains: Iterable[str]) -> str | None:
     return None
 
 
+def account_subdomain(base_url: str, settings: Settings) -> str | None:
+    """The amoCRM subdomain of the account reached at `base_url`, or None when nothing names one.
+
+    From the host when it is `{sub}.{allowed base domain}`; otherwise, for the configured account reached
+    elsewhere (the sandbox at 127.0.0.1:8081, a mirror), from AMO_DOMAIN: never the first label of an IP.
+    """
+    sub = amo_subdomain(_hostname(base_url), settings.allowed_base_domains)
+    if sub is None and settings.domain and base_url.rstrip("/") == settings.account_base_url:
+        named = _hostname(settings.domain)
+        sub = amo_subdomain(named, settings.allowed_base_domains) or named.split(".", 1)[0] or None
+    return sub
+
+
+def _hostname(value: str) -> str:
+    """`http://acme.amocrm.ru:8443/x` -> `acme.amocrm.ru` (no port); '' when it names no host."""
+    return host_of(value).rpartition("@")[2].split(":", 1)[0] if not host_of(value).startswith("[") else ""
+
+
+def account_hosts(account: Account, settings: Settings) -> frozenset[str]:
+    """Every name amoCRM may write the account's links on: the host called, `{sub}.{base domain}`, AMO_DOMAIN."""
+    hosts = {host_of(account.base_url)}
+    if account.subdomain:
+        hosts |= {f"{account.subdomain}.{base}".lower() for base in settings.allowed_base_domains}
+    if account.base_url.rstrip("/") == settings.account_base_url:
+        hosts |= configured_hosts(settings)
+    return frozenset(h for h in hosts if h)
+
+
 def multi_account(settings: Settings) -> bool:
     """True when callbacks may connect accounts beyond the configured one."""
     return settings.any_account or bool(settings.allowed_accounts)

@@ -3,34 +3,45 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractResolver
 
+from amo_gateway.alerting import AlertService
+from amo_gateway.alerts import check_settings
 from amo_gateway.amo_client import AmoClient
 from amo_gateway.audit import AuditLog, audit_ctx_body, audit_key, audit_path
+from amo_gateway.audit_file import audit_rotation
 from amo_gateway.auth import Authenticator
 from amo_gateway.backends import open_store
 from amo_gateway.cache import TestCache
 from amo_gateway.clock import Clock, SystemClock
+from amo_gateway.connections import ConnectionGuard, descriptor_cap
 from amo_gateway.flows import Flows
 from amo_gateway.forwarded import setup_forwarded
-from amo_gateway.logs import event
+from amo_gateway.logs import AccessLog, event
 from amo_gateway.manager import Outcome, TokenManager
 from amo_gateway.metrics import Metrics
 from amo_gateway.middlewares import errors_middleware
+from amo_gateway.outbox import Outbox, outbox_path
 from amo_gateway.proxy import Proxy
 from amo_gateway.refresher import Refresher
 from amo_gateway.routes import setup_routes
 from amo_gateway.settings import Settings
 from amo_gateway.typedefs import (
+    ACCESS_LOG,
+    ALERT_HISTORY,
+    ALERTS,
     AUDIT,
     AUTH,
     CLOCK,
+    CONNECTIONS,
     FLOWS,
     HTTP_SESSION,
     MANAGER,
@@ -40,17 +51,29 @@ from amo_gateway.typedefs import (
     SETTINGS,
     STORE,
     TEST_CACHE,
+    AlertHistory,
 )
 from amo_gateway.vault import KeyRing, load_keyring
+from amo_gateway.webhook import targets
 
 log = logging.getLogger("amo_gateway.app")
 
 
 def create_app(settings: Settings, *, clock: Clock | None = None, keys: KeyRing | None = None,
-               run_refresher: bool = True, resolver: AbstractResolver | None = None) -> web.Application:
-    """The gateway app; `clock`, `keys` and the DNS `resolver` are parameters so tests hand in their own."""
-    app = web.Application(middlewares=[errors_middleware], client_max_size=settings.max_body_bytes)
+               run_refresher: bool = True, resolver: AbstractResolver | None = None,
+               access_log: AccessLog | None = None) -> web.Application:
+    """The gateway app; `clock`, `keys` and the DNS `resolver` are parameters so tests hand in their own.
+
+    `access_log` is the sink its runner's access logger writes to (serve.runner_options); the app writes out
+    what is pending when it stops, after its last request.
+    """
+    metrics = Metrics()
+    guard = ConnectionGuard(descriptor_cap(settings.max_connections), settings.header_timeout, metrics)
+    app = web.Application(middlewares=[guard.middleware, errors_middleware], client_max_size=settings.max_body_bytes)
+    app[CONNECTIONS] = guard
     app[SETTINGS] = settings
+    app[ACCESS_LOG] = access_log or AccessLog(settings.log_format)
+    app.cleanup_ctx.append(app[ACCESS_LOG].lifetime)
     app[CLOCK] = clock or SystemClock()
     app[AUTH] = Authenticator.from_settings(settings)
     app[TEST_CACHE] = TestCache()
@@ -61,11 +84,17 @@ def create_app(settings: Settings, *, clock: Clock | None = None, keys: KeyRing 
     keyring = keys or key_source()
     app.cleanup_ctx.append(_store_ctx(settings, keyring, None if keys else key_source))
     app.cleanup_ctx.append(_http_ctx(resolver))
-    app[METRICS] = Metrics()
-    app[AUDIT] = AuditLog(audit_path(settings.vault_path), audit_key(keyring))
+    app[METRICS] = metrics
+    app[AUDIT] = AuditLog(audit_path(settings.vault_path), audit_key(keyring), rotation=audit_rotation(settings),
+                          merge_seconds=settings.audit_merge_seconds)
     app.cleanup_ctx.append(_audit_ctx)
     app.cleanup_ctx.append(_services_ctx)
     app.cleanup_ctx.append(_proxy_ctx(resolver))
+    if settings.alerts_enabled:
+        check_settings(settings)
+        app.cleanup_ctx.append(_alerts_ctx(run_refresher))
+        history: AlertHistory = functools.partial(_alert_history, app)
+        app[ALERT_HISTORY] = history
     if run_refresher:
         app.cleanup_ctx.append(_refresher_ctx)
     setup_forwarded(app, settings.trusted_proxies)
@@ -116,6 +145,57 @@ def _audit_refresh(audit: AuditLog, outcome: Outcome) -> None:
     fresh = outcome.pair.refresh_token if outcome.pair is not None else None
     audit.record("refresh", account=outcome.account_id, outcome=outcome.result, reason=outcome.reason,
                  error=outcome.error.code if outcome.error else None, secrets={"refresh_token": fresh})
+
+
+async def _alert_history(app: web.Application, account_id: str | None) -> list[dict[str, Any]]:
+    """The console's "alerts sent": the outbox's history, oldest first, with one delivery status per alert."""
+    service = app.get(ALERTS)
+    if service is None:
+        return []
+    rows = await service.history(account_id, limit=25)
+    return [{**row, "status": _delivery_status(row.get("targets") or {})} for row in reversed(rows)]
+
+
+def _delivery_status(targets: dict[str, str]) -> str:
+    """delivered when every target took it, else the least advanced state (pending, failed, dropped)."""
+    states = set(targets.values())
+    return "delivered" if states == {"delivered"} else sorted(states - {"delivered"})[0] if states else "pending"
+
+
+def _alerts_ctx(run_loop: bool):  # type: ignore[no-untyped-def]
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        """Alerts: hooked to refresh outcomes and breakers before the refresher starts; one check before serving.
+
+        The check at start-up turns whatever state the vault was left in (a crash between a re-authorization
+        and its alert) into alerts before anything else happens; the outbox keeps those not yet delivered.
+        """
+        settings = app[SETTINGS]
+        outbox = Outbox(outbox_path(settings.vault_path))
+        aside = await asyncio.to_thread(outbox.prepare)
+        if aside is not None:
+            event(log, "alerts.outbox_unreadable", level=logging.ERROR, kept_as=aside)
+        timeout = aiohttp.ClientTimeout(total=settings.alert_timeout)
+        async with aiohttp.ClientSession(timeout=timeout, headers={"User-Agent": "amo-gateway-alerts"}) as session:
+            proxy = app[PROXY]
+            service = AlertService(settings, app[STORE], outbox, targets(settings), app[CLOCK], app[METRICS],
+                                   session, proxy.breakers.states)
+            app[ALERTS] = service
+            app[MANAGER].observers.append(service.observe_refresh)
+            proxy.breakers.listeners.append(service.breaker_changed)
+            try:
+                await service.check()
+            except Exception as err:  # never stops the gateway; the loop's first round checks again
+                event(log, "alerts.error", level=logging.ERROR, error=type(err).__name__)
+            task = asyncio.create_task(service.run(), name="amo-gateway-alerts") if run_loop else None
+            yield
+            service.stop()
+            if task is not None:
+                try:
+                    await asyncio.wait_for(task, timeout=settings.alert_timeout + 1)
+                except TimeoutError:
+                    pass  # cancelled by wait_for; its lease lets another process (or the next start) resend it
+
+    return ctx
 
 
 def _http_ctx(resolver: AbstractResolver | None):  # type: ignore[no-untyped-def]

@@ -2,6 +2,10 @@
 
 Secret values never enter it: they are named by HMAC-SHA256 under a key derived from the primary vault key
 (so digests are comparable until the next key rotation, which the trail itself records).
+
+Bounded, so that strangers cannot fill the disk with it: plain string fields are cut at FIELD_LIMIT
+characters, repeated refusals of one kind are merged into one line with a count per interval, and the file
+is rotated by size (audit_file.py).
 """
 
 from __future__ import annotations
@@ -12,18 +16,21 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from amo_gateway.audit_file import Rotation, append_lines, read_lines
 from amo_gateway.errors import GatewayError
 from amo_gateway.logs import event
 from amo_gateway.tokens import keyed_digest
 from amo_gateway.vault import KeyRing
 
 AUDIT_FILE = "audit.log"
+FIELD_LIMIT = 256  # characters kept of a caller-supplied value (an account id, a referer): enough to recognise it
+MERGE_SECONDS = 60.0
 _KEY_LABEL = b"amo-gateway/audit/v1"
 _MAX_SEEN = 10_000
 log = logging.getLogger("amo_gateway.audit")
@@ -39,41 +46,46 @@ def audit_key(keys: KeyRing) -> bytes:
     return hmac.new(keys.keys[0].encode(), _KEY_LABEL, hashlib.sha256).digest()
 
 
+def capped(fields: dict[str, Any]) -> dict[str, Any]:
+    """The fields with every string cut at FIELD_LIMIT characters, saying how long it was."""
+    return {name: _cap(value) for name, value in fields.items()}
+
+
+def _cap(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > FIELD_LIMIT:
+        return f"{value[:FIELD_LIMIT]}…[{len(value)} chars]"
+    return value
+
+
 def audit_line(key: bytes, name: str, secrets: dict[str, str | None] | None, fields: dict[str, Any]) -> str:
-    """One JSON line: time, event, plain fields, and `<name>_hmac` for each secret value."""
-    record: dict[str, Any] = {"ts": _timestamp(), "event": name, **fields}
+    """One JSON line: time, event, plain fields (capped), and `<name>_hmac` for each secret value."""
+    record: dict[str, Any] = {"ts": _timestamp(), "event": name, **capped(fields)}
     for field, value in (secrets or {}).items():
         record[f"{field}_hmac"] = keyed_digest(key, value) if value else None
     return json.dumps(record, ensure_ascii=False, default=str, separators=(",", ":"))
 
 
-def append_lines(path: Path, lines: Iterable[str]) -> None:
-    """Blocking: append and fsync; the file is created 0600 and only ever opened for appending."""
-    text = "".join(line + "\n" for line in lines)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)  # never a planted symlink
-    try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+@dataclass
+class _Run:
+    """Refusals of one kind within one merge interval: the first is written in full, the rest only counted."""
 
-
-def read_lines(path: Path, tail: int | None = None) -> list[str]:
-    """The trail's lines (the last `tail` of them), for `amo-gateway audit`."""
-    if not path.exists():
-        return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return lines[-tail:] if tail else lines
+    since: str
+    ends: float
+    count: int = 0
 
 
 class AuditLog:
     """Takes events from the event loop without blocking it; a writer task appends them in a thread."""
 
-    def __init__(self, path: Path, key: bytes) -> None:
+    def __init__(self, path: Path, key: bytes, *, rotation: Rotation | None = None,
+                 merge_seconds: float = MERGE_SECONDS) -> None:
         self.path = path
         self._key = key
+        self._rotation = rotation or Rotation()
+        self._merge_seconds = merge_seconds
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._seen: set[tuple[str, ...]] = set()
+        self._runs: dict[tuple[str, str], _Run] = {}  # keyed by (event, reason): a small, fixed set of codes
         self._writing = asyncio.Lock()  # flush() waits for a write the writer task has already started
 
     def __repr__(self) -> str:
@@ -100,24 +112,65 @@ class AuditLog:
         try:
             yield extra
         except GatewayError as err:
-            event(log, refused, level=logging.WARNING, reason=err.code, detail=err.detail, **fields)
-            self.record(refused, secrets=secrets, reason=err.code, detail=err.detail, **fields)
+            if self.refused(refused, err.code, secrets=secrets, detail=err.detail, **fields):
+                event(log, refused, level=logging.WARNING, reason=err.code, detail=err.detail, **capped(fields))
             raise
         self.record(ok, secrets=secrets, **fields, **extra)
+
+    def refused(self, name: str, reason: str, *, secrets: dict[str, str | None] | None = None,
+                **fields: Any) -> bool:
+        """Record a refusal, merged: within `merge_seconds` of the first of its kind (event and reason) the
+        rest are only counted, and one line with their count follows. True when this one was written in full.
+        """
+        now = time.monotonic()
+        run = self._runs.get((name, reason))
+        if run is not None and now < run.ends:
+            run.count += 1
+            return False
+        if run is not None:
+            self._close((name, reason))
+        self._runs[(name, reason)] = _Run(_timestamp(), now + self._merge_seconds)
+        self.record(name, secrets=secrets, reason=reason, **fields)
+        return True
+
+    def _close_runs(self, now: float | None) -> None:
+        """Close every run that has ended by `now` (every run when None)."""
+        for key in [k for k, run in self._runs.items() if now is None or now >= run.ends]:
+            self._close(key)
+
+    def _close(self, key: tuple[str, str]) -> None:
+        """Forget a run; when refusals were merged into it, queue one line (and one log event) with their count."""
+        run = self._runs.pop(key)
+        if run.count:
+            name, reason = key
+            event(log, name, level=logging.WARNING, reason=reason, repeated=run.count, since=run.since)
+            self.record(name, reason=reason, repeated=run.count, since=run.since,
+                        interval_seconds=self._merge_seconds)
+
+    def _next_close(self) -> float | None:
+        """Seconds until the earliest run ends (its count must be written even if no refusal follows)."""
+        if not self._runs:
+            return None
+        return max(min(run.ends for run in self._runs.values()) - time.monotonic(), 0.0)
 
     def digest(self, value: str) -> str:
         """The keyed digest the trail would store for `value` (to find a token in it)."""
         return keyed_digest(self._key, value)
 
     async def flush(self) -> None:
-        """Write everything queued so far."""
+        """Write everything queued so far, the counts of merged refusals included."""
+        self._close_runs(None)
         await self._write(self._drain())
 
     async def run(self) -> None:
-        """Forever: wait for an event, then write it with whatever else queued meanwhile."""
+        """Forever: wait for an event (or the end of a merge interval), then write what queued meanwhile."""
         while True:
-            first = await self._queue.get()
-            await self._write([first, *self._drain()])
+            first: list[str] = []
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._next_close()):  # not wait_for: its inner task could take an
+                    first.append(await self._queue.get())  # event from the queue while flush() sees it empty
+            self._close_runs(time.monotonic())
+            await self._write([*first, *self._drain()])
 
     def _drain(self) -> list[str]:
         lines = []
@@ -126,9 +179,15 @@ class AuditLog:
         return lines
 
     async def _write(self, lines: list[str]) -> None:
+        """Append in a thread; a failed write (a full disk) is logged and the lines dropped, so memory stays
+        bounded and the writer lives on: the trail must never take the service down with it."""
         async with self._writing:
-            if lines:
-                await asyncio.to_thread(append_lines, self.path, lines)
+            if not lines:
+                return
+            try:
+                await asyncio.to_thread(append_lines, self.path, lines, self._rotation)
+            except OSError as err:
+                event(log, "audit.write_failed", level=logging.ERROR, error=err.strerror, lines_lost=len(lines))
 
 
 async def audit_ctx_body(audit: AuditLog) -> AsyncIterator[None]:
@@ -146,9 +205,9 @@ def _timestamp() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
 
 
-def record_now(vault_path: Path, keys: KeyRing, name: str, **fields: Any) -> None:
+def record_now(vault_path: Path, keys: KeyRing, name: str, rotation: Rotation | None = None, **fields: Any) -> None:
     """Blocking append of one event, for the command-line tools (no event loop there)."""
-    append_lines(audit_path(vault_path), [audit_line(audit_key(keys), name, None, fields)])
+    append_lines(audit_path(vault_path), [audit_line(audit_key(keys), name, None, fields)], rotation)
 
 
 def show(vault_path: Path, tail: int | None, as_json: bool) -> list[str]:

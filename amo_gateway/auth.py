@@ -16,8 +16,8 @@ class Authenticator:
     """Checks `Authorization: Bearer …` in constant time; knows callers by name, never logs a token."""
 
     def __init__(self, admin_token: str | None, consumers: dict[str, str]) -> None:
-        self._admin = admin_token
-        self._consumers = consumers
+        self._admin = admin_token.encode() if admin_token else None  # encoded once, compared on every request
+        self._consumers = {name: token.encode() for name, token in consumers.items()}
 
     def __repr__(self) -> str:
         return f"Authenticator(consumers={sorted(self._consumers)})"
@@ -29,7 +29,7 @@ class Authenticator:
     def operator(self, request: web.Request) -> str:
         """Admit the operator only; raise Unauthorized otherwise."""
         presented = _bearer(request)
-        if presented is not None and self._admin and _same(presented, self._admin):
+        if presented is not None and self._admin and hmac.compare_digest(presented, self._admin):
             return OPERATOR
         raise Unauthorized("this endpoint needs the operator's bearer token (AMO_ADMIN_TOKEN)")
 
@@ -37,10 +37,10 @@ class Authenticator:
         """Admit the operator or any consumer; return the caller's name for logs and the audit trail."""
         presented = _bearer(request)
         if presented is not None:
-            if self._admin and _same(presented, self._admin):
+            if self._admin and hmac.compare_digest(presented, self._admin):
                 return OPERATOR
             for name, token in self._consumers.items():
-                if _same(presented, token):
+                if hmac.compare_digest(presented, token):
                     return name
         raise Unauthorized("a valid bearer token is required (the operator's or a consumer's)")
 
@@ -65,11 +65,9 @@ def parse_consumers(text: str) -> dict[str, str]:
     return consumers
 
 
-def _bearer(request: web.Request) -> str | None:
+def _bearer(request: web.Request) -> bytes | None:
+    """The presented bearer token, encoded for hmac.compare_digest (which wants bytes for non-ASCII text)."""
     header = request.headers.get("Authorization", "")
     scheme, _, value = header.partition(" ")
-    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
-
-
-def _same(presented: str, expected: str) -> bool:
-    return hmac.compare_digest(presented.encode(), expected.encode())
+    value = value.strip()
+    return value.encode() if scheme.lower() == "bearer" and value else None

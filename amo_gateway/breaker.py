@@ -16,13 +16,16 @@ log = logging.getLogger("amo_gateway.proxy")
 
 CLOSED, HALF_OPEN, OPEN = "closed", "half_open", "open"
 STATE_VALUES = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
+Listener = Callable[[str, str], None]  # (account id, OPEN or CLOSED): told when a breaker opens or closes
 
 
 class Breaker:
     """One account's breaker; `clock` is wall or monotonic seconds."""
 
-    def __init__(self, account_id: str, cooldown: float, clock: Callable[[], float]) -> None:
+    def __init__(self, account_id: str, cooldown: float, clock: Callable[[], float],
+                 on_change: Listener | None = None) -> None:
         self.account_id = account_id
+        self._on_change = on_change
         self.cooldown = cooldown
         self._clock = clock
         self.state = CLOSED
@@ -53,12 +56,17 @@ class Breaker:
         """Record amoCRM's answer: 403 opens (or re-opens) the breaker, anything else closes it."""
         self._probing = False
         if status == 403:
-            if self.state != OPEN:
+            opened = self.state != OPEN
+            if opened:
                 event(log, "breaker.opened", level=logging.ERROR, account=self.account_id, cooldown=self.cooldown)
             self.state, self.opened_at = OPEN, self._clock()
+            if opened and self._on_change is not None:
+                self._on_change(self.account_id, OPEN)
         elif self.state != CLOSED:
             event(log, "breaker.closed", account=self.account_id)
             self.state = CLOSED
+            if self._on_change is not None:
+                self._on_change(self.account_id, CLOSED)
 
     def call_failed(self) -> None:
         """The call got no answer at all: free the probe slot without changing the state."""
@@ -76,13 +84,18 @@ class Breakers:
         self.cooldown = cooldown
         self._clock = clock
         self._by_account: dict[str, Breaker] = {}
+        self.listeners: list[Listener] = []  # the alerts hear of every open and close here
 
     def get(self, account_id: str) -> Breaker:
         """The account's breaker."""
         breaker = self._by_account.get(account_id)
         if breaker is None:
-            breaker = self._by_account[account_id] = Breaker(account_id, self.cooldown, self._clock)
+            breaker = self._by_account[account_id] = Breaker(account_id, self.cooldown, self._clock, self._changed)
         return breaker
+
+    def _changed(self, account_id: str, state: str) -> None:
+        for listener in self.listeners:
+            listener(account_id, state)
 
     def states(self) -> dict[str, str]:
         """Each account's state, for the metrics."""

@@ -14,7 +14,14 @@ from typing import Any
 from cryptography.fernet import Fernet
 
 from amo_gateway import logs
-from amo_gateway.accounts import account_summary, account_url, amo_subdomain, configured_hosts, host_of
+from amo_gateway.accounts import (
+    account_subdomain,
+    account_summary,
+    account_url,
+    amo_subdomain,
+    configured_hosts,
+    host_of,
+)
 from amo_gateway.errors import ConfigError, GatewayError
 from amo_gateway.settings import Settings, load_settings
 from amo_gateway.tokens import Account, TokenPair, VaultData, decode_claims
@@ -62,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     move.set_defaults(func=_migrate_state)
     restore = sub.add_parser("restore", parents=[common],
                              help="put a vault backup back; every refresh token in it is verified with amoCRM at once")
-    restore.add_argument("backup", type=Path, help="the backup file (a copy of vault.enc)")
+    restore.add_argument("backup", help="the backup file (a copy of vault.enc), or - to read it from standard input")
     restore.set_defaults(func=_restore)
     sub.add_parser("reencrypt", parents=[common],
                    help="re-encrypt the vault under the first key of the configured key ring "
@@ -109,7 +116,7 @@ def _vault(settings: Settings) -> Vault:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from amo_gateway.serve import serve  # the server's imports are not needed by the other commands
+    from amo_gateway.serve import run, serve  # the server's imports are not needed by the other commands
 
     settings = _settings(args, host=args.host, port=args.port, vault_path=args.vault_path)
     logs.configure(settings.log_format, settings.log_level)
@@ -121,7 +128,7 @@ def _serve(args: argparse.Namespace) -> int:
         settings, sandbox = sandbox_setup(settings, workdir)
         banner(settings, workdir)
     settings.require("client_id", "client_secret", "redirect_uri", "base_url", "admin_token")
-    asyncio.run(serve(settings, sandbox=sandbox))
+    run(serve(settings, sandbox=sandbox))
     return 0
 
 
@@ -151,8 +158,10 @@ def _rotate_key(args: argparse.Namespace) -> int:
     if resealed is not None:
         print(f"{resealed} database row(s) re-encrypted under the new key")
     from amo_gateway.audit import record_now
+    from amo_gateway.audit_file import audit_rotation
 
-    record_now(settings.vault_path, new_keys, "key.rotated", key_count=len(new_keys.keys), dropped_old=args.drop_old)
+    record_now(settings.vault_path, new_keys, "key.rotated", audit_rotation(settings), key_count=len(new_keys.keys),
+               dropped_old=args.drop_old)
     print(f"vault re-encrypted under a new primary key; {key_file} now lists {len(new_keys.keys)} "
           f"key{'s' if len(new_keys.keys) > 1 else ''} (restart the service so it loads them; copy the key file "
           "to wherever the off-site backup of the key lives)")
@@ -167,18 +176,20 @@ def _restore(args: argparse.Namespace) -> int:
     truth within seconds, instead of at the next scheduled refresh hours later.
     """
     from amo_gateway.audit import record_now
+    from amo_gateway.audit_file import audit_rotation
     from amo_gateway.restore import mark_for_verification, replace_accounts
 
     settings = _settings(args)
     vault = _vault(settings)
-    backup = Vault(args.backup, vault.keys)
     try:
-        restored = backup.load()
+        blob = sys.stdin.buffer.read() if args.backup == "-" else Path(args.backup).read_bytes()
     except OSError as err:
         raise ConfigError(f"cannot read backup {args.backup}: {err.strerror or type(err).__name__}") from None
+    restored = vault.decode(blob)
     marked = mark_for_verification(restored, time.time())
     vault.update(lambda data: replace_accounts(data, restored))
-    record_now(settings.vault_path, vault.keys, "vault.restored", accounts=len(restored.accounts), verifying=marked)
+    record_now(settings.vault_path, vault.keys, "vault.restored", audit_rotation(settings),
+               accounts=len(restored.accounts), verifying=marked)
     print(f"restored {len(restored.accounts)} account(s) from {args.backup}; {marked} refresh token(s) are "
           "verified with amoCRM at once (within seconds if the service runs, else at its start). One that amoCRM "
           "already spent turns its account to reauth_required (token_revoked): reconnect it then "
@@ -212,8 +223,10 @@ def _reencrypt(args: argparse.Namespace) -> int:
     vault.reencrypt(vault.keys)
     _reseal(settings, vault.keys)
     from amo_gateway.audit import record_now
+    from amo_gateway.audit_file import audit_rotation
 
-    record_now(settings.vault_path, vault.keys, "key.rotated", key_count=len(vault.keys.keys))
+    record_now(settings.vault_path, vault.keys, "key.rotated", audit_rotation(settings),
+               key_count=len(vault.keys.keys))
     print(f"vault re-encrypted under the first of {len(vault.keys.keys)} keys")
     return 0
 
@@ -353,7 +366,7 @@ def _import_token(args: argparse.Namespace) -> int:
     base_url = _import_base_url(args.host, settings)
     pair = TokenPair(token, None, float(claims["exp"]), now)
     account = Account(account_id, base_url, pair, long_lived=True, api_domain=claims.get("api_domain"),
-                      subdomain=host_of(base_url).split(".", 1)[0], connected_at=now)
+                      subdomain=account_subdomain(base_url, settings), connected_at=now)
     _vault(settings).update(lambda data: data.accounts.__setitem__(account_id, account))
     print(f"stored a long-lived token for account {account_id} at {base_url}, expiring "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(pair.expires_at))}")

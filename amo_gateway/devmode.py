@@ -18,7 +18,8 @@ DEMO_LOGIN = "demo@example.com"
 DEMO_API_KEY = "sandbox-api-key"  # a fake key the sandbox accepts; amoCRM never sees it
 DEMO_ACCOUNT_ID = 31920194
 DEV_SETTINGS = "dev-settings.json"  # beside the vault: what the CLI needs to work on `make run`'s vault
-_SHARED = ("client_id", "redirect_uri", "base_url", "auth_url", "account_id", "vault_key_file")
+_SHARED = ("client_id", "domain", "redirect_uri", "base_url", "auth_url", "account_id", "vault_key_file")
+DEMO_SUBDOMAIN = "demo"  # the sandbox account's subdomain everywhere: /accounts, /test, the per-account URL
 
 
 def sandbox_setup(settings: Settings, workdir: Path) -> tuple[Settings, SandboxConfig]:
@@ -30,6 +31,8 @@ def sandbox_setup(settings: Settings, workdir: Path) -> tuple[Settings, SandboxC
         "client_id": settings.client_id or "2912780f-a1e4-4d5d-a069-ee01422d8bef",
         "client_secret": secrets.token_hex(32),
         "redirect_uri": f"{public}{PREFIX}/callback",
+        # The sandbox account's name (so /accounts and /test both say `demo`), reached on the loopback port.
+        "domain": f"{DEMO_SUBDOMAIN}.amocrm.ru",
         "base_url": f"http://127.0.0.1:{sandbox_port}",
         "auth_url": f"http://127.0.0.1:{sandbox_port}/oauth",
         "account_id": DEMO_ACCOUNT_ID,
@@ -44,7 +47,7 @@ def sandbox_setup(settings: Settings, workdir: Path) -> tuple[Settings, SandboxC
         client_id=str(dev.client_id),
         client_secret=dev.secret("client_secret") or "",
         redirect_uri=str(dev.redirect_uri),
-        accounts=[SandboxAccount(DEMO_ACCOUNT_ID, "demo", {DEMO_LOGIN: DEMO_API_KEY}, set(), "Demo account")],
+        accounts=[SandboxAccount(DEMO_ACCOUNT_ID, DEMO_SUBDOMAIN, {DEMO_LOGIN: DEMO_API_KEY}, set(), "Demo account")],
         send_referer=False,
     )
     return dev, config

@@ -3,7 +3,8 @@
     GatewayError
     ├── ConfigError               settings missing or invalid (start-up stops)
     ├── VaultError                the vault cannot be read or written
-    │   └── VaultUndecryptable    wrong key, tampered or truncated file: never overwritten
+    │   ├── VaultUndecryptable    wrong key, tampered or truncated file: never overwritten
+    │   └── VaultFull             no room on the vault's disk: a refresh is refused before it is sent
     ├── RequestRejected           the caller's input or credentials are wrong (4xx)
     │   ├── BadRequest
     │   ├── Unauthorized
@@ -64,6 +65,10 @@ class StateUnavailable(VaultError):
     """The shared state's database cannot be reached (down, restarting, network cut)."""
 
     code = "state_unavailable"
+
+
+class VaultFull(VaultError):
+    code = "vault_disk_full"
 
 
 class RequestRejected(GatewayError):

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
-from amo_gateway.accounts import DEFAULT_ACCOUNT, base_url_for_referer, select_account
+from amo_gateway.accounts import DEFAULT_ACCOUNT, account_subdomain, base_url_for_referer, select_account
 from amo_gateway.amo_client import AmoClient
 from amo_gateway.backends.base import StateStore
 from amo_gateway.clock import Clock
@@ -83,12 +83,12 @@ class Flows:
             raise
         event(log, "exchange.requested", login=login, label=label, state_fp=fingerprint(state))
 
-    async def authorize_url(self, label: str | None) -> str:
-        """A consent-page URL carrying a fresh single-use state."""
+    async def authorize_url(self, label: str | None, *, popup: bool = False) -> str:
+        """A consent-page URL carrying a fresh single-use state (`popup`: for the console's consent window)."""
         self.settings.require("client_id")
         state = secrets.token_urlsafe(32)
         now = self.clock.time()
-        pending = PendingState("authorize", now, now + self.settings.state_ttl, label)
+        pending = PendingState("console" if popup else "authorize", now, now + self.settings.state_ttl, label)
         await self.store.add_state(_digest(state), pending, now)
         query = urlencode({"client_id": self.settings.client_id, "state": state, "mode": "post_message"})
         return f"{self.settings.auth_url}?{query}"
@@ -105,12 +105,19 @@ class Flows:
         body = await self.client.token_from_code(base_url, code, time_limit=CALLBACK_TOKEN_TIMEOUT)
         pair = pair_from_response(body, now)
         account = self._account_for(pair, base_url, now)
-        await self.store.put_account(account)
+        await self.store.put_account(account)  # the code is spent: its pair must land (the file may spend its reserve)
         exchange = from_exchange or (pending is not None and pending.purpose == "exchange")
         label = pending.label if pending else None
         event(log, "callback.connected", account=account.account_id, from_exchange=exchange, label=label,
               refresh_fp=fingerprint(pair.refresh_token))
         return Connected(account.account_id, exchange, label, pair.expires_at)
+
+    async def for_popup(self, state: str | None) -> bool:
+        """True when `state` is a live state the console issued for its consent popup (nothing is consumed)."""
+        if state is None:
+            return False
+        found = await self.store.peek_state(_digest(state))
+        return found is not None and found.purpose == "console" and found.expires_at > self.clock.time()
 
     async def disconnect(self, account_id: str, client_uuid: str, signature: str, *,
                          pace: Pacer | None = None) -> bool:
@@ -124,7 +131,6 @@ class Flows:
         expected = hmac.new(secret.encode(), f"{client_uuid}|{account_id}".encode(), hashlib.sha256).hexdigest()
         same_client = hmac.compare_digest(client_uuid.encode(), (self.settings.client_id or "").encode())
         if not (secret and same_client and hmac.compare_digest(expected.encode(), signature.lower().encode())):
-            event(log, "disconnect.refused", level=logging.WARNING, account=account_id)
             raise Forbidden("the disconnect signature does not verify", code="invalid_signature")
         account = await self.store.account(account_id)
         if account is not None and account.tokens is not None and account.status == CONNECTED:
@@ -198,9 +204,8 @@ class Flows:
         claims = decode_claims(pair.access_token)
         account_id = str(claims.get("account_id") or self.settings.account_id or DEFAULT_ACCOUNT)
         api_domain = claims.get("api_domain") or self.settings.api_domain
-        subdomain = base_url.split("//", 1)[-1].split(".", 1)[0] if "." in base_url else None
         return Account(account_id=account_id, base_url=base_url, api_domain=api_domain,
-                       subdomain=subdomain, connected_at=now).with_pair(pair)
+                       subdomain=account_subdomain(base_url, self.settings), connected_at=now).with_pair(pair)
 
 
 

@@ -10,7 +10,7 @@ from amo_gateway.accounts import display_state
 from amo_gateway.errors import GatewayError
 from amo_gateway.metrics import CONTENT_TYPE
 from amo_gateway.tokens import CONNECTED, VaultData
-from amo_gateway.typedefs import AUTH, CLOCK, METRICS, PROXY, STORE
+from amo_gateway.typedefs import ALERTS, AUTH, CLOCK, METRICS, PROXY, STORE
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -41,6 +41,9 @@ async def metrics(request: web.Request) -> web.Response:
     proxy = app.get(PROXY)
     depths = proxy.limiters.depths() if proxy is not None else {}
     breakers = proxy.breakers.states() if proxy is not None else {}
+    alerts = app.get(ALERTS)
+    if alerts is not None:
+        app[METRICS].set_outbox(*await alerts.outbox_counts())
     text = app[METRICS].render(await app[STORE].snapshot(), app[CLOCK].time(), depths, breakers)
     return web.Response(body=text, headers={"Content-Type": CONTENT_TYPE})
 

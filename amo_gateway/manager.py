@@ -26,7 +26,10 @@ from amo_gateway.errors import (
     UpstreamNotFound,
     UpstreamRejected,
     UpstreamUnauthorized,
+    VaultError,
+    VaultFull,
 )
+from amo_gateway.headroom import no_room
 from amo_gateway.logs import event
 from amo_gateway.settings import DEFAULT_BASE_DOMAINS
 from amo_gateway.tokens import (
@@ -48,7 +51,7 @@ BATCH_CONCURRENCY = 16
 
 @dataclass(frozen=True)
 class Outcome:
-    """What one refresh attempt came to: refreshed, skipped, transient or reauth."""
+    """What one refresh attempt came to: refreshed, skipped, transient, reauth, or refused_… (nothing sent)."""
 
     account_id: str
     result: str
@@ -143,7 +146,7 @@ class TokenManager:
     async def _claimed_run(self, account_ids: list[str], seen: str | None, *, skip_locked: bool) -> list[Outcome]:
         """Claim (one write), call amoCRM (bounded concurrency), store every result (one write)."""
         now = self.clock.time()
-        claims = await self.store.claim(account_ids, now, self.margin, seen, skip_locked=skip_locked)
+        claims = await self._claim(account_ids, now, seen, skip_locked)
         gate = asyncio.Semaphore(BATCH_CONCURRENCY)
 
         async def one(claim: tuple[Account, InFlight | None]) -> Outcome:
@@ -151,13 +154,33 @@ class TokenManager:
                 return await self._attempt(*claim)
 
         attempts = list(await asyncio.gather(*(one(c) for c in claims)))
-        stored = await self.store.store_outcomes(attempts) if attempts else {}
+        stored = await self.store.store_outcomes(attempts, self.clock.time()) if attempts else {}
         outcomes = [replace(o, account=stored.get(o.account_id)) for o in attempts]
         unclaimed = {c[0].account_id for c in claims}
         outcomes += [Outcome(a, "skipped", await self.store.account(a)) for a in account_ids if a not in unclaimed]
         for outcome in outcomes:
             self._report(outcome)
         return outcomes
+
+    async def _claim(self, account_ids: list[str], now: float, seen: str | None, skip_locked: bool) -> list[Claim]:
+        """Mark the refreshes in flight; a disk without room for their results refuses them before any send."""
+        try:
+            return await self.store.claim(account_ids, now, self.margin, seen, skip_locked=skip_locked)
+        except OSError as err:
+            raise self._refused(account_ids, err) from err
+
+    def _refused(self, account_ids: list[str], err: OSError) -> VaultError:
+        """Say that no refresh was sent and why (log, /metrics, audit trail); the error for the caller."""
+        result = "refused_disk_full" if no_room(err) else "refused_vault_unwritable"
+        event(log, f"refresh.{result}", level=logging.ERROR, accounts=",".join(account_ids), error=err.strerror,
+              vault=self.store.where)
+        for account_id in account_ids:
+            self._report(Outcome(account_id, result))
+        if no_room(err):
+            return VaultFull("the vault's disk has no room to store a refreshed pair: the refresh was not sent"
+                             " to amoCRM and the current pair is kept; free some space")
+        return VaultError(f"the vault could not be written ({err.strerror}): the refresh was not sent to amoCRM"
+                          " and the current pair is kept")
 
     async def _attempt(self, account: Account, previous: InFlight | None) -> Outcome:
         """Spend the refresh token once; follow an account move; never write the vault here."""
@@ -254,8 +277,12 @@ def _claim(data: VaultData, account_ids: list[str], now: float, margin: float, s
     return claims if claims else Unchanged(claims)
 
 
-def _apply(data: VaultData, outcomes: list[Outcome]) -> dict[str, Account]:
-    """Inside the file lock: store every result; an account disconnected meanwhile stays forgotten."""
+def _apply(data: VaultData, outcomes: list[Outcome], now: float) -> dict[str, Account]:
+    """Inside the file lock: store every result; an account disconnected meanwhile stays forgotten.
+
+    A transient failure keeps the time the failing began (`failing_since`), durable and shared by every
+    process on the vault, so that "refresh failing for longer than AMO_ALERT_TRANSIENT_AFTER" is one fact.
+    """
     stored: dict[str, Account] = {}
     for outcome in outcomes:
         account = data.accounts.get(outcome.account_id)
@@ -270,6 +297,7 @@ def _apply(data: VaultData, outcomes: list[Outcome]) -> dict[str, Account]:
             account = account.needing_reauth(outcome.reason or "refresh_rejected")
         else:
             error = outcome.error.detail if outcome.error else None
-            account = replace(account, in_flight=account.in_flight if outcome.keep_marker else None, last_error=error)
+            account = replace(account, in_flight=account.in_flight if outcome.keep_marker else None, last_error=error,
+                              failing_since=account.failing_since or now)
         data.accounts[outcome.account_id] = stored[outcome.account_id] = account
     return stored

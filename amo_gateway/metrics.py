@@ -49,12 +49,33 @@ class Metrics:
                                         ["account", "cause"], registry=r)
         self.queue_depth = Gauge("amo_gateway_ratelimit_queue_depth", "Callers waiting for the account's rate limit",
                                  ["account"], registry=r)
+        self.connections_open = Gauge("amo_gateway_connections_open", "Client connections open on the listener",
+                                      registry=r)
+        self.connections_closed = Counter("amo_gateway_connections_closed",
+                                          "Connections the gateway closed itself: header_timeout, evicted (idle,"
+                                          " to make room under the cap), refused (over the cap, all busy)",
+                                          ["reason"], registry=r)
+        self.accept_errors = Counter("amo_gateway_accept_errors", "accept() failures (out of file descriptors)",
+                                     registry=r)
+        self.alerts_raised = Counter("amo_gateway_alerts_raised", "Alerts raised by this process, by event "
+                                     "(reminders included)", ["event"], registry=r)
+        self.alert_deliveries = Counter("amo_gateway_alert_deliveries", "Alert delivery attempts by this process, "
+                                        "by target and result (delivered, failed)", ["target", "result"], registry=r)
+        self.alerts_pending = Gauge("amo_gateway_alerts_pending", "Alert deliveries waiting in the outbox "
+                                    "(all processes on the vault)", registry=r)
+        self.alerts_dropped = Gauge("amo_gateway_alerts_dropped", "Undelivered alerts dropped, oldest first, to keep "
+                                    "the outbox under AMO_ALERT_OUTBOX_MAX", registry=r)
         self.breaker_state = Gauge("amo_gateway_breaker_state", "Proxy circuit breaker: 0 closed, 1 half-open, 2 open",
                                    ["account"], registry=r)
 
     def observe_refresh(self, outcome: Outcome) -> None:
         """The token manager's observer: count every refresh outcome."""
         self.refreshes.labels(outcome.account_id, outcome.result).inc()
+
+    def set_outbox(self, pending: int, dropped: int) -> None:
+        """The outbox's figures, read from its file at scrape time."""
+        self.alerts_pending.set(pending)
+        self.alerts_dropped.set(dropped)
 
     def render(self, data: VaultData, now: float, depths: dict[str, int], breakers: dict[str, str]) -> bytes:
         """The exposition text, after refreshing the scrape-time gauges."""

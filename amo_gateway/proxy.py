@@ -1,5 +1,8 @@
 """The amoCRM API proxy: `{prefix}/proxy/{path}` forwarded to the account host with the current token injected.
 
+`{prefix}/accounts/{id or subdomain}/proxy/{path}` is the same proxy with the account named by the URL (a
+client library's base URL). In JSON answers, amoCRM's links are moved under the URL the caller used (links.py).
+
 Only amoCRM's API is forwarded, and only plain paths (proxy_paths.py); anything else is refused before
 any upstream call. Every upstream send passes the account's breaker and rate limiter. Bodies stream both
 ways; a request body up to RETRY_BUFFER bytes is held in memory so that it can be resent after a 401 (one
@@ -20,18 +23,20 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
+from prometheus_client import Counter, Histogram
 from yarl import URL
 
-from amo_gateway.accounts import select_account
+from amo_gateway.accounts import account_hosts, select_account
 from amo_gateway.audit import AuditLog
 from amo_gateway.auth import Authenticator
 from amo_gateway.breaker import Breakers
 from amo_gateway.errors import GatewayError, RequestRejected, UpstreamTimeout, UpstreamUnavailable
 from amo_gateway.idempotency import MAX_REMEMBERED_BODY, decoded, request_fingerprint
+from amo_gateway.links import REWRITE_CAP, LinkRewriter, is_json
 from amo_gateway.logs import event
 from amo_gateway.manager import TokenManager
 from amo_gateway.metrics import Metrics
-from amo_gateway.proxy_paths import forwarded_target
+from amo_gateway.proxy_paths import ACCOUNTS_ROOT, ROOT, proxied
 from amo_gateway.refresh_budget import RefreshBudget
 from amo_gateway.settings import Settings
 
@@ -42,6 +47,7 @@ RETRY_BUFFER = 256 * 1024
 CHUNK = 64 * 1024
 MAX_AUDITED_PATH = 256  # a refused path is audited clipped: the trail must not grow by what callers send
 MAX_RETRY_AFTER = 5.0  # a longer Retry-After goes back to the caller instead of holding its connection
+Headers = tuple[tuple[str, str], ...]
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 KEYED = frozenset({"POST", "PATCH"})
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
@@ -69,11 +75,12 @@ class Body:
 
 @dataclass(frozen=True)
 class Caller:
-    """Who asks, for which account, and the checked path and query to forward."""
+    """Who asks, for which account, the checked path and query to forward, and the account its URL names."""
 
     consumer: str
     account_id: str
     target: str
+    named: str | None = None  # `demo` when the caller used `…/accounts/demo/proxy/…`
 
 
 @dataclass(frozen=True)
@@ -119,15 +126,17 @@ class Proxy:
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.upstream_timeout,
                                               sock_read=settings.proxy_timeout)
         self._rng = rng or random.Random()  # noqa: S311 - jitter only
+        self.rewrite_cap = REWRITE_CAP  # JSON answers up to this size get their links rewritten (links.py)
+        self._series: dict[tuple[str, int], tuple[Counter, Histogram]] = {}  # (account, status) -> its two series
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        """Any method on `{prefix}/proxy/{path}`."""
+        """Any method on `{prefix}/proxy/{path}` or `{prefix}/accounts/{account}/proxy/{path}`."""
         consumer = self.auth.consumer_or_operator(request)
-        target = self._target(request, consumer)
-        account_id = await self._account(request)
+        target, named = self._target(request, consumer)
+        account_id = await self._account(request, named)
         started = time.monotonic()
         try:
-            return await self._handle(request, Caller(consumer, account_id, target), started)
+            return await self._handle(request, Caller(consumer, account_id, target, named), started)
         except GatewayError as err:
             self.metrics.proxy_requests.labels(account_id, str(err.status)).inc()
             raise
@@ -140,20 +149,38 @@ class Proxy:
             replay = await self.idempotency.begin(call.consumer, call.key, fingerprint)
             if replay is not None:
                 self._count(account_id, replay.status or 0, started)
-                return _replayed(replay.status or 0, replay.headers, replay.body or b"")
+                links = await self._links(request, caller, _header(replay.headers, "content-type"))
+                return _replayed(replay.status or 0, replay.headers, replay.body or b"", links)
         resp = await self._exchange(call)
         self._count(account_id, resp.status, started)
         try:
+            links = await self._links(request, caller, resp.headers.get("Content-Type"))
             if call.key is not None:
-                return await self._relay_remembered(request, call, resp)
-            return await _relay(request, resp, b"")
+                return await self._relay_remembered(request, call, resp, links)
+            return await _relay(request, resp, b"", links)
         finally:
             resp.release()
 
-    def _target(self, request: web.Request, consumer: str) -> str:
-        """The path and query to forward; a refused path is counted, logged and audited, and never sent."""
+    async def _links(self, request: web.Request, caller: Caller, content_type: str | None) -> LinkRewriter | None:
+        """For a JSON answer only: what moves amoCRM's links under the URL this caller used (links.py)."""
+        if not is_json(content_type) or request.method == "HEAD":
+            return None  # the hot path for everything else: no lookup, no buffering (HEAD has no body)
+        account = await self.manager.store.account(caller.account_id)
+        if account is None:
+            return None
+        origin = f"{request.scheme}://{request.host}"  # as seen through trusted proxies (forwarded.py)
+        if caller.named is not None:
+            base, extra = f"{origin}{ACCOUNTS_ROOT}{caller.named}/proxy", ""
+        else:
+            base, extra = origin + ROOT.rstrip("/"), f"account={caller.account_id}"
+        hosts = account_hosts(account, self.settings)
+        return LinkRewriter(hosts, tuple(self.settings.proxy_paths), base, extra, self.rewrite_cap)
+
+    def _target(self, request: web.Request, consumer: str) -> tuple[str, str | None]:
+        """The path and query to forward, and the account the path names; a refused path is counted, logged
+        and audited, and never sent."""
         try:
-            return forwarded_target(request.raw_path, self.settings.proxy_paths)
+            return proxied(request.raw_path, self.settings.proxy_paths)
         except RequestRejected as err:
             path = request.raw_path.partition("?")[0][:MAX_AUDITED_PATH]  # never the query: it may hold anything
             self.metrics.proxy_refused.labels(err.code).inc()
@@ -164,12 +191,14 @@ class Proxy:
                                   path=path)
             raise
 
-    async def _account(self, request: web.Request) -> str:
-        selector = request.headers.get(ACCOUNT_HEADER) or request.query.get("account")
+    async def _account(self, request: web.Request, named: str | None) -> str:
+        """The account id: the one the per-account URL names, else X-Amo-Account, else ?account=."""
+        selector = named or request.headers.get(ACCOUNT_HEADER) or request.query.get("account")
         return select_account(await self.manager.store.snapshot(), selector)
 
     async def _call(self, request: web.Request, caller: Caller) -> Call:
-        headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in _dropped(request))
+        dropped = _dropped(request)
+        headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in dropped)
         key = request.headers.get("Idempotency-Key") if request.method in KEYED else None
         body = await _read_body(request)
         if body.resendable:
@@ -265,8 +294,8 @@ class Proxy:
             return float(said) if float(said) <= MAX_RETRY_AFTER else None
         return float(min(MAX_RETRY_AFTER, 0.25 * 2**attempt + self._rng.uniform(0, 0.25)))
 
-    async def _relay_remembered(self, request: web.Request, call: Call,
-                                resp: aiohttp.ClientResponse) -> web.StreamResponse:
+    async def _relay_remembered(self, request: web.Request, call: Call, resp: aiohttp.ClientResponse,
+                                links: LinkRewriter | None) -> web.StreamResponse:
         """Read the answer (up to the replay limit), remember it under the key, then pass it on."""
         assert call.key is not None
         head = await _read_up_to(resp.content, MAX_REMEMBERED_BODY)
@@ -275,12 +304,17 @@ class Proxy:
         if plain is None:
             await self.idempotency.finish(call.consumer, call.key, resp.status, headers, None)
         else:
-            await self.idempotency.finish(call.consumer, call.key, resp.status, *plain)
-        return await _relay(request, resp, head)
+            await self.idempotency.finish(call.consumer, call.key, resp.status, *plain)  # kept as amoCRM sent it
+        return await _relay(request, resp, head, links)
 
     def _count(self, account_id: str, status: int, started: float) -> None:
-        self.metrics.proxy_requests.labels(account_id, str(status)).inc()
-        self.metrics.proxy_latency.labels(account_id).observe(time.monotonic() - started)
+        series = self._series.get((account_id, status))
+        if series is None:  # prometheus' labels() validates and locks on every call: once per series is enough
+            series = (self.metrics.proxy_requests.labels(account_id, str(status)),
+                      self.metrics.proxy_latency.labels(account_id))
+            self._series[(account_id, status)] = series
+        series[0].inc()
+        series[1].observe(time.monotonic() - started)
 
 
 def _authenticated(status: int) -> bool:
@@ -288,10 +322,12 @@ def _authenticated(status: int) -> bool:
     return status < 500 and status not in (401, 403, 429)
 
 
-def _dropped(request: web.Request) -> set[str]:
+def _dropped(request: web.Request) -> frozenset[str]:
     """Header names never sent upstream: hop-by-hop, the caller's credentials, and those `Connection` lists."""
-    listed = {h.strip().lower() for h in request.headers.get("Connection", "").split(",") if h.strip()}
-    return set(DROP_UP) | listed
+    connection = request.headers.get("Connection")
+    if not connection:
+        return DROP_UP
+    return DROP_UP | {h.strip().lower() for h in connection.split(",") if h.strip()}
 
 
 async def _read_body(request: web.Request) -> Body:
@@ -328,15 +364,36 @@ async def _read_up_to(content: aiohttp.StreamReader, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _down_headers(resp: aiohttp.ClientResponse) -> tuple[tuple[str, str], ...]:
+def _header(headers: Headers, name: str) -> str | None:
+    return next((v for k, v in headers if k.lower() == name), None)
+
+
+def _down_headers(resp: aiohttp.ClientResponse) -> Headers:
     listed = {h.strip().lower() for h in resp.headers.get("Connection", "").split(",") if h.strip()}
     return tuple((k, v) for k, v in resp.headers.items() if k.lower() not in DROP_DOWN and k.lower() not in listed)
 
 
-async def _relay(request: web.Request, resp: aiohttp.ClientResponse, head: bytes) -> web.StreamResponse:
-    """amoCRM's status, headers (minus hop-by-hop and cookies) and body, streamed chunk by chunk."""
+async def _relay(request: web.Request, resp: aiohttp.ClientResponse, head: bytes,
+                 links: LinkRewriter | None) -> web.StreamResponse:
+    """amoCRM's status, headers (minus hop-by-hop and cookies) and body, streamed chunk by chunk.
+
+    A JSON answer (`links` given) up to its cap (REWRITE_CAP) is read whole first and its links rewritten (links.py);
+    a longer one goes on streaming as it came, after the part already read. Any other answer whose body has
+    already arrived whole goes out as one Response, headers and body in one write: a StreamResponse sends its
+    headers alone first, and that extra send and the caller's extra wake-up were a measurable part of the
+    proxy's cost (make bench).
+    """
+    headers = _down_headers(resp)
+    if links is not None:
+        head += await _read_up_to(resp.content, links.cap - len(head))
+        if len(head) <= links.cap and resp.content.at_eof():
+            return _rewritten(resp.status, headers, head, links)
+    else:
+        head = head or await resp.content.readany()
+        if head and resp.content.at_eof():
+            return web.Response(status=resp.status, reason=resp.reason, headers=headers, body=head)
     out = web.StreamResponse(status=resp.status, reason=resp.reason)
-    out.headers.extend(_down_headers(resp))
+    out.headers.extend(headers)
     await out.prepare(request)
     if head:
         await out.write(head)
@@ -346,15 +403,38 @@ async def _relay(request: web.Request, resp: aiohttp.ClientResponse, head: bytes
     return out
 
 
-def _replayed(status: int, headers: tuple[tuple[str, str], ...], body: bytes) -> web.Response:
+def _rewritten(status: int, headers: Headers, body: bytes, links: LinkRewriter) -> web.Response:
+    """A whole JSON answer with its links moved under the gateway; decoded, then re-compressed for this caller.
+
+    A body that cannot be decoded (br, zstd, corrupt) or holds no link to move goes back byte for byte.
+    """
+    plain = decoded(headers, body, links.cap)
+    moved = links.rewrite(plain[1]) if plain is not None else None
+    if plain is None or moved is None:
+        return _plain_response(status, headers, body, keep_etag=True)
+    out = _plain_response(status, plain[0], moved)
+    if plain[0] != headers:
+        out.enable_compression()  # amoCRM compressed it for this caller's Accept-Encoding: so do we
+    return out
+
+
+def _replayed(status: int, headers: Headers, body: bytes, links: LinkRewriter | None) -> web.Response:
     """A remembered (decoded) answer, marked as a replay, compressed only if this caller accepts it."""
+    moved = links.rewrite(body) if links is not None else None
+    out = _plain_response(status, headers, body if moved is None else moved)
+    out.headers["Idempotent-Replayed"] = "true"
+    out.enable_compression()  # aiohttp picks gzip or deflate from this request's Accept-Encoding, or none
+    return out
+
+
+def _plain_response(status: int, headers: Headers, body: bytes, *, keep_etag: bool = False) -> web.Response:
+    """A response with `body` and amoCRM's headers, its own Content-Length; ETag only for an unchanged body."""
+    dropped = ("content-length", "content-type") if keep_etag else ("content-length", "content-type", "etag")
     out = web.Response(status=status, body=body)
-    out.headers.extend((k, v) for k, v in headers if k.lower() not in ("content-length", "content-type"))
+    out.headers.extend((k, v) for k, v in headers if k.lower() not in dropped)
     for k, v in headers:
         if k.lower() == "content-type":
             out.headers["Content-Type"] = v
-    out.headers["Idempotent-Replayed"] = "true"
-    out.enable_compression()  # aiohttp picks gzip or deflate from this request's Accept-Encoding, or none
     return out
 
 

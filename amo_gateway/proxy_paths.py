@@ -18,27 +18,46 @@ from amo_gateway.errors import BadRequest, Forbidden
 from amo_gateway.settings import PREFIX
 
 ROOT = f"{PREFIX}/proxy/"
+ACCOUNTS_ROOT = f"{PREFIX}/accounts/"  # `{ACCOUNTS_ROOT}{id or subdomain}/proxy/…`: the per-account base URL
+_SELECTOR = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")  # an account id or a DNS label, raw
 # %2f `/`, %5c `\`, %2e `.`, and %00-%1f, %7f (control characters), in any case.
 _ENCODED_TRICK = re.compile(r"%(?:2f|5c|2e|[01][0-9a-f]|7f)", re.IGNORECASE)
 _NOT_PRINTABLE_ASCII = re.compile(r"[^\x21-\x7e]")  # controls, spaces and raw non-ASCII never belong in a target
 
 
 def forwarded_target(raw_path: str, prefixes: Sequence[str]) -> str:
-    """`/api/v4/leads?limit=50` from the raw request path and query, with `account=` dropped.
+    """`/api/v4/leads?limit=50` from the raw request path and query, with `account=` dropped."""
+    return proxied(raw_path, prefixes)[0]
 
-    Raises BadRequest `bad_proxy_path` (400) for a path that is not plainly what it says, and Forbidden
-    `path_not_proxied` (403) for a plain path outside `prefixes`.
+
+def proxied(raw_path: str, prefixes: Sequence[str]) -> tuple[str, str | None]:
+    """The target to forward, and the account the path names (`…/accounts/{account}/proxy/…`) or None.
+
+    Both roots, `{prefix}/proxy/` and `{prefix}/accounts/{account}/proxy/`, pass the same checks: BadRequest
+    `bad_proxy_path` (400) for a path that is not plainly what it says (the account segment included), and
+    Forbidden `path_not_proxied` (403) for a plain path outside `prefixes`.
     """
     path, _, query = raw_path.partition("?")
-    if not path.startswith(ROOT):
-        raise BadRequest("the proxied path must follow /proxy/ literally", code="bad_proxy_path")
-    target = "/" + path[len(ROOT):]
+    rest, account = _after_root(path)
+    target = "/" + rest
     refuse_disguised(target)
     if not any(target.startswith(prefix) for prefix in prefixes):
         raise Forbidden("the proxy forwards only amoCRM's API (" + ", ".join(prefixes) + "); not this path",
                         code="path_not_proxied")
     kept = [p for p in query.split("&") if p and unquote(p.partition("=")[0]) != "account"]
-    return target + ("?" + "&".join(kept) if kept else "")
+    return target + ("?" + "&".join(kept) if kept else ""), account
+
+
+def _after_root(path: str) -> tuple[str, str | None]:
+    """The raw path after its proxy root, and the account a per-account root names."""
+    if path.startswith(ROOT):
+        return path[len(ROOT):], None
+    if path.startswith(ACCOUNTS_ROOT):
+        account, _, rest = path[len(ACCOUNTS_ROOT):].partition("/")
+        if rest.startswith("proxy/") and _SELECTOR.fullmatch(account):
+            return rest[len("proxy/"):], account
+    raise BadRequest("the proxied path must follow /proxy/ or /accounts/{id or subdomain}/proxy/ literally",
+                     code="bad_proxy_path")
 
 
 def refuse_disguised(path: str) -> None:

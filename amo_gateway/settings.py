@@ -27,6 +27,8 @@ CREDENTIAL_FILES = {
     "admin_token": "admin-token",
     "consumer_tokens": "consumer-tokens",
     "database_url": "database-url",
+    "alert_webhook_secret": "alert-webhook-secret",
+    "alert_telegram_bot_token": "alert-telegram-bot-token",
 }  # the vault key is read by vault.load_keyring, which owns its own precedence
 # Secret settings that must never sit in config.yaml, and where each belongs instead.
 SECRET_HOMES = {
@@ -40,6 +42,12 @@ SECRET_HOMES = {
                        "(LoadCredential=consumer-tokens) or the environment variable AMO_CONSUMER_TOKENS",
     "database_url": "put it in the systemd credential file /etc/amo-gateway/database-url "
                     "(LoadCredential=database-url) or the environment variable AMO_DATABASE_URL",
+    "alert_webhook_secret": "put it in the systemd credential file /etc/amo-gateway/alert-webhook-secret "
+                            "(LoadCredential=alert-webhook-secret) or the environment variable "
+                            "AMO_ALERT_WEBHOOK_SECRET",
+    "alert_telegram_bot_token": "put it in the systemd credential file /etc/amo-gateway/alert-telegram-bot-token "
+                                "(LoadCredential=alert-telegram-bot-token) or the environment variable "
+                                "AMO_ALERT_TELEGRAM_BOT_TOKEN",
 }
 SECRET_SETTINGS = tuple(SECRET_HOMES)
 _LIST_FIELDS = {"trusted_proxies", "allowed_base_domains", "allowed_accounts", "proxy_paths"}
@@ -91,6 +99,26 @@ class Settings(BaseModel):
     log_format: str = Field(default="json", pattern="^(json|logfmt)$")
     log_level: str = "INFO"
     max_body_bytes: int = Field(default=16 * 1024, gt=0)
+    console_session_hours: float = Field(default=8.0, gt=0, le=720)  # the operator console's sign-in lifetime
+    max_connections: int = Field(default=1024, gt=0)
+    header_timeout: float = Field(default=10.0, gt=0)
+    keepalive_timeout: float = Field(default=75.0, gt=0)  # longer than nginx's upstream keepalive_timeout (60 s)
+    audit_max_bytes: int = Field(default=10 * 1024 * 1024, ge=4096)
+    audit_backups: int = Field(default=5, ge=0)
+    audit_merge_seconds: float = Field(default=60.0, ge=0)
+    # Alerts (alerts.py, outbox.py, webhook.py): off unless a webhook URL or a Telegram chat is configured.
+    alert_webhook_url: str | None = Field(default=None, pattern="^https?://")
+    alert_webhook_secret: SecretStr | None = None
+    alert_telegram_bot_token: SecretStr | None = None
+    alert_telegram_chat_id: str | None = None
+    alert_telegram_api_url: str = Field(default="https://api.telegram.org", pattern="^https?://")
+    alert_reconnect_url: str | None = None  # a link for the `reconnect` hint (e.g. the operator console)
+    alert_reminder_interval: float = Field(default=12 * 3600.0, gt=0)
+    alert_transient_after: float = Field(default=1800.0, ge=0)  # refresh failing transiently this long: alert
+    alert_check_interval: float = Field(default=10.0, gt=0)  # how often the alert state is derived again
+    alert_outbox_max: int = Field(default=1000, gt=0)  # undelivered alerts kept; the oldest dropped beyond it
+    alert_retry_max: float = Field(default=600.0, gt=0)  # the longest pause between delivery attempts
+    alert_timeout: float = Field(default=10.0, gt=0)
 
     @field_validator("trusted_proxies", "allowed_base_domains", "allowed_accounts", "proxy_paths", mode="before")
     @classmethod
@@ -130,6 +158,11 @@ class Settings(BaseModel):
         """The plain value of a secret setting, for the one place that must send or compare it."""
         value = getattr(self, name)
         return value.get_secret_value() if isinstance(value, SecretStr) else None
+
+    @property
+    def alerts_enabled(self) -> bool:
+        """True when an alert target is configured (a webhook URL, or a Telegram bot token; an empty one is none)."""
+        return bool(self.alert_webhook_url or self.secret("alert_telegram_bot_token"))
 
     def require(self, *names: str) -> None:
         """Stop with a ConfigError naming every listed setting that is empty."""

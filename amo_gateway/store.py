@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
@@ -59,9 +60,11 @@ class Store:
         self._cache = data
         return data
 
-    async def update(self, change: Callable[[VaultData], T | Unchanged[T]]) -> T:
-        """Locked read-modify-write in a thread; the saved data becomes the cache."""
-        outcome: tuple[T, VaultData, Signature] = await self._run(lambda: self.vault.update(change))
+    async def update(self, change: Callable[[VaultData], T | Unchanged[T]], *, claim: bool = False,
+                     spend_reserve: bool = False) -> T:
+        """Locked read-modify-write in a thread; the saved data becomes the cache (flags: see Vault.update)."""
+        outcome: tuple[T, VaultData, Signature] = await self._run(
+            lambda: self.vault.update(change, claim=claim, spend_reserve=spend_reserve))
         result, self._cache, self._signature = outcome
         return result
 
@@ -81,9 +84,19 @@ class Store:
 
     # --- StateStore: each operation is today's pure change function under the file lock ---
 
+    @property
+    def keys(self) -> KeyRing:
+        return self.vault.keys
+
+    @property
+    def where(self) -> str:
+        return str(self.vault.path)
+
     async def open(self) -> None:
         """Create the 0700 directory (refusing symlinks, sweeping dead writers' temp files), then read once."""
         await asyncio.to_thread(self.vault.prepare)
+        with contextlib.suppress(OSError):  # made early, while there is room; every claim insists on it
+            await asyncio.to_thread(self.vault.reserve.ensure)  # (headroom.py); the CLI, maybe root, never makes it
         await self.reload()
 
     async def close(self) -> None:
@@ -93,13 +106,15 @@ class Store:
                     skip_locked: bool) -> list[Claim]:
         """`skip_locked` needs nothing here: the refresh locks already kept other claimers out."""
         ids = list(account_ids)
-        return await self.update(lambda data: _claim(data, ids, now, margin, seen))
+        return await self.update(lambda data: _claim(data, ids, now, margin, seen), claim=True)
 
-    async def store_outcomes(self, outcomes: Sequence[Outcome]) -> dict[str, Account]:
-        return await self.update(lambda data: _apply(data, list(outcomes)))
+    async def store_outcomes(self, outcomes: Sequence[Outcome], now: float) -> dict[str, Account]:
+        """May spend the disk reserve: the answers exist nowhere else."""
+        return await self.update(lambda data: _apply(data, list(outcomes), now), spend_reserve=True)
 
     async def put_account(self, account: Account) -> None:
-        await self.update(lambda data: data.accounts.__setitem__(account.account_id, account))
+        """May spend the disk reserve: the code that bought the pair is spent."""
+        await self.update(lambda data: data.accounts.__setitem__(account.account_id, account), spend_reserve=True)
 
     async def forget(self, account_id: str) -> bool:
         return await self.update(lambda data: _forget(data, account_id))
@@ -115,9 +130,10 @@ class Store:
         await self.update(lambda data: _add_state(data, key, pending, now))
 
     async def peek_state(self, key: str) -> PendingState | None:
-        """From the cached view; a miss re-reads the file (another process may have issued it a moment ago)."""
+        """From the cached view; on a miss (issued by another process a moment ago?) only a changed file is read
+        again, so misses stay cheap."""
         found = (await self.snapshot()).states.get(key)
-        return found if found is not None else (await self.reload()).states.get(key)
+        return found if found is not None else (await self.snapshot(recheck=True)).states.get(key)
 
     async def pop_state(self, key: str) -> PendingState | None:
         return await self.update(lambda data: _pop_state(data, key))

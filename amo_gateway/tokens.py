@@ -66,12 +66,15 @@ class Account:
     in_flight: InFlight | None = None
     last_error: str | None = None
     connected_at: float | None = None
+    failing_since: float | None = None  # first transient refresh failure of the current run (alerts read it)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict; a shallow copy per level, since asdict's deep copies dominate vault saves."""
         raw = dict(vars(self))
         raw["tokens"] = dict(vars(self.tokens)) if self.tokens else None
         raw["in_flight"] = dict(vars(self.in_flight)) if self.in_flight else None
+        if raw["failing_since"] is None:
+            del raw["failing_since"]  # absent unless failing: a vault an older version can still read
         return raw
 
     @classmethod
@@ -89,18 +92,22 @@ class Account:
             reason=None,
             in_flight=None,
             last_error=None,
+            failing_since=None,
             refresh_obtained_at=pair.obtained_at if pair.refresh_token else self.refresh_obtained_at,
         )
 
     def needing_reauth(self, reason: str) -> Account:
-        return replace(self, status=REAUTH_REQUIRED, reason=reason, in_flight=None, last_error=reason)
+        return replace(self, status=REAUTH_REQUIRED, reason=reason, in_flight=None, last_error=reason,
+                       failing_since=None)
 
 
 @dataclass
 class PendingState:
     """A `state` the gateway issued and will accept once on the callback."""
 
-    purpose: Literal["exchange", "authorize"]
+    # "console": issued for the operator console's consent popup, so the callback answers the popup with a page
+    # (an older release reading it treats it as "authorize": the vault stays readable on a rollback)
+    purpose: Literal["exchange", "authorize", "console"]
     created_at: float
     expires_at: float
     label: str | None = None

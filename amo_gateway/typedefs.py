@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 import aiohttp
 from aiohttp import web
 
+from amo_gateway.alerting import AlertService
 from amo_gateway.audit import AuditLog
 from amo_gateway.auth import Authenticator
 from amo_gateway.backends.base import StateStore
 from amo_gateway.cache import TestCache
 from amo_gateway.clock import Clock
+from amo_gateway.connections import ConnectionGuard
 from amo_gateway.flows import Flows
+from amo_gateway.logs import AccessLog
 from amo_gateway.manager import TokenManager
 from amo_gateway.metrics import Metrics
 from amo_gateway.proxy import Proxy
@@ -29,3 +35,13 @@ TEST_CACHE = web.AppKey("test_cache", TestCache)
 METRICS = web.AppKey("metrics", Metrics)
 AUDIT = web.AppKey("audit", AuditLog)
 PROXY = web.AppKey("proxy", Proxy)
+
+# The alerts sent, newest last, for the console's "alerts sent" panel: `await history(account_id or None)` gives
+# dicts with the alert body's fields (`event`, `account_id`, `subdomain`, `reason`, `at`) and a delivery
+# `status`. Set by the alert outbox when there is one; the console says "no alerts recorded" without it.
+AlertHistory = Callable[[str | None], Awaitable[list[dict[str, Any]]]]
+ALERT_HISTORY: web.AppKey[AlertHistory] = web.AppKey("alert_history")
+
+CONNECTIONS = web.AppKey("connections", ConnectionGuard)
+ALERTS = web.AppKey("alerts", AlertService)
+ACCESS_LOG = web.AppKey("access_log", AccessLog)

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import stat
 from collections.abc import Callable, Iterator
@@ -21,9 +22,12 @@ from typing import Generic, TypeVar
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from amo_gateway.errors import ConfigError, VaultError, VaultUndecryptable
+from amo_gateway.headroom import Reserve, no_room
+from amo_gateway.logs import event
 from amo_gateway.tokens import VaultData
 
 T = TypeVar("T")
+log = logging.getLogger("amo_gateway.vault")
 Signature = tuple[int, int, int, int] | None
 
 
@@ -86,6 +90,7 @@ class Vault:
         self.path = path
         self.keys = keys
         self.lock_path = path.with_name(path.name + ".lock")
+        self.reserve = Reserve(path)
         self._path_str = str(path)
         self._known: tuple[bytes, VaultData] | None = None  # (write id, parsed copy) of the file as last seen
 
@@ -140,6 +145,10 @@ class Vault:
         self._known = (write_id, data.copy()) if write_id is not None else None
         return data
 
+    def decode(self, blob: bytes) -> VaultData:
+        """A vault file's bytes (a backup, say) decrypted with this vault's keys, without touching the file."""
+        return self._decrypt(_split(blob)[1])
+
     def _decrypt(self, token: bytes) -> VaultData:
         try:
             return VaultData.from_dict(json.loads(self.keys.decrypt(token)))
@@ -177,15 +186,36 @@ class Vault:
         finally:
             os.close(dir_fd)
 
-    def update(self, change: Callable[[VaultData], T | Unchanged[T]]) -> tuple[T, VaultData, Signature]:
-        """Locked read-modify-write: `change` mutates the data in place; it is saved unless it says Unchanged."""
+    def update(self, change: Callable[[VaultData], T | Unchanged[T]], *, claim: bool = False,
+               spend_reserve: bool = False) -> tuple[T, VaultData, Signature]:
+        """Locked read-modify-write: `change` mutates the data in place; it is saved unless it says Unchanged.
+
+        `claim` (before amoCRM is called): first make sure the reserve is in place, else OSError and nothing
+        is read or written. `spend_reserve` (storing what amoCRM answered): a full disk frees the reserve and
+        the write is tried once more.
+        """
         with self.locked():
+            if claim:
+                self.reserve.ensure()
             data = self.load()
             result = change(data)
             if isinstance(result, Unchanged):
                 return result.value, data, self.signature()
-            self.save(data)
+            if spend_reserve:
+                self._save_with_reserve(data)
+            else:
+                self.save(data)
             return result, data, self.signature()
+
+    def _save_with_reserve(self, data: VaultData) -> None:
+        try:
+            self.save(data)
+        except OSError as err:
+            if not (no_room(err) and self.reserve.release()):
+                raise
+            event(log, "vault.reserve_spent", level=logging.ERROR, path=str(self.path),
+                  detail="the disk filled up while amoCRM answered; the reserve made room for the new pair")
+            self.save(data)
 
     def read(self) -> tuple[VaultData, Signature]:
         """A consistent snapshot and the file signature it belongs to (both taken under the lock)."""

@@ -7,7 +7,16 @@ from typing import Any
 from aiohttp import web
 
 from amo_gateway.accounts import account_summary, select_account
-from amo_gateway.errors import BadRequest, ConsentDenied, NotConnected, NotFound, UpstreamUnauthorized
+from amo_gateway.console.views import popup_response
+from amo_gateway.errors import (
+    BadRequest,
+    ConsentDenied,
+    GatewayError,
+    NotConnected,
+    NotFound,
+    UpstreamUnauthorized,
+)
+from amo_gateway.flows import Connected
 from amo_gateway.inputs import ExchangeBody, flag, json_body, query_param
 from amo_gateway.typedefs import (
     AUDIT,
@@ -44,6 +53,30 @@ async def callback(request: web.Request) -> web.Response:
     """GET /callback: amoCRM brings a code; answer the seed's JSON well inside amoCRM's 3 s."""
     code = query_param(request, "code")
     state = query_param(request, "state")
+    popup = await request.app[FLOWS].for_popup(state)
+    try:
+        connected = await _connect(request, code, state)
+    except GatewayError as err:
+        if not popup:
+            raise
+        return popup_response(request, ok=False, code=err.code, status=err.status)
+    request.app[REFRESHER].wake()
+    request.app[TEST_CACHE].clear()
+    if popup:  # the console's consent window: a page that tells the console and closes, not the seed's JSON
+        return popup_response(request, ok=True, account_id=connected.account_id)
+    body: dict[str, Any] = {
+        "message": "AMO CRM successfully connected",
+        "status": "success",
+        "fromExchange": connected.from_exchange,
+        "account_id": connected.account_id,
+    }
+    if connected.label is not None:
+        body["state"] = connected.label
+    return web.json_response(body)
+
+
+async def _connect(request: web.Request, code: str | None, state: str | None) -> Connected:
+    """The callback's work, audited: redeem the code at the account the state and referer name."""
     with request.app[AUDIT].outcome("callback.accepted", "callback.refused", secrets={"code": code, "state": state},
                                     referer=query_param(request, "referer")) as audit:
         code = _code_or_refusal(code, query_param(request, "error"))
@@ -55,17 +88,7 @@ async def callback(request: web.Request) -> web.Response:
             from_widget=flag(request, "from_widget"),
         )
         audit.update(account=connected.account_id, from_exchange=connected.from_exchange, label=connected.label)
-    request.app[REFRESHER].wake()
-    request.app[TEST_CACHE].clear()
-    body: dict[str, Any] = {
-        "message": "AMO CRM successfully connected",
-        "status": "success",
-        "fromExchange": connected.from_exchange,
-        "account_id": connected.account_id,
-    }
-    if connected.label is not None:
-        body["state"] = connected.label
-    return web.json_response(body)
+    return connected
 
 
 def _code_or_refusal(code: str | None, error: str | None) -> str:
@@ -153,18 +176,22 @@ async def accounts(request: web.Request) -> web.Response:
 
 
 async def proxy(request: web.Request) -> web.StreamResponse:
-    """ANY /proxy/{path}: amoCRM's API through the gateway's token, rate limit and breaker (see proxy.py)."""
+    """ANY /proxy/{path} and /accounts/{account}/proxy/{path}: amoCRM's API through the gateway (proxy.py)."""
     return await request.app[PROXY].handle(request)
 
 
 async def _account_id(request: web.Request) -> str:
-    """The account the request names; a miss re-reads the vault once (another process may have just added it)."""
+    """The account the request names; a miss re-reads the vault only when its file changed on disk.
+
+    Another process may have just added the account, but a stranger's random `?account=` must not make
+    the gateway decrypt the vault at will: the recheck is one stat, the read happens only for a new file.
+    """
     selector = query_param(request, "account")
     store = request.app[STORE]
     try:
         return select_account(await store.snapshot(), selector)
     except (NotFound, NotConnected):
-        return select_account(await store.reload(), selector)
+        return select_account(await store.snapshot(recheck=True), selector)
 
 
 async def _rate_slot(app: web.Application, account_id: str) -> None:

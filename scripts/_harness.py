@@ -209,6 +209,13 @@ class Harness:
         async with self.session.post(f"{self.sandbox_url}/_sandbox/faults", json=switches) as resp:
             assert resp.status == 200, await resp.text()
 
+    async def post_sandbox(self, path: str, body: dict[str, Any]) -> Any:
+        """POST to one of the sandbox's control endpoints (`/_sandbox/revoke`, ...); its JSON answer."""
+        assert self.session is not None
+        async with self.session.post(f"{self.sandbox_url}{path}", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+            return await resp.json()
+
     async def is_live(self, refresh_token: str | None) -> bool:
         """Whether the sandbox still accepts this refresh token, asked without spending it."""
         if not refresh_token:

@@ -78,7 +78,7 @@ async def one_size(url: str, key: str, n: int, updates: int) -> dict[str, Any]:
         await store.claim([account_id], time.time() + 10 * 86400, 3600, None, skip_locked=True)
         pair = TokenPair("eyJ" + secrets.token_urlsafe(660), "def502" + secrets.token_hex(250), time.time() + 86400,
                          time.time())
-        await store.store_outcomes([Outcome(account_id, "refreshed", pair=pair)])
+        await store.store_outcomes([Outcome(account_id, "refreshed", pair=pair)], time.time())
         refreshes.append(time.perf_counter() - started)
     await store.close()
     return {"accounts": n, "startup_s": startup_s, "update_p50_ms": _ms(puts, 50),

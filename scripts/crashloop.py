@@ -13,6 +13,10 @@ With the process dead, the state it left is judged:
 
 After the restart the gateway must come back connected, or - only when the answer was provably lost -
 in `reauth_required` with a reason starting `refresh_answer_lost` (then the harness reconnects).
+
+The gateway alerts to a webhook receiver run here (signatures checked): at the end, every lost pair must
+have produced exactly one `refresh_answer_lost` alert (distinct alert ids; a kill in the middle of a
+delivery may send one twice, counted as `redelivered`), and the outbox must be empty.
 A kill moment counts under its kind only when it was actually reached (a moment that did not come in time
 is a kill at an arbitrary moment, counted as `missed`); any exception of the run is a recorded failure.
 Usage: python scripts/crashloop.py --kills 200 [--report out.json]
@@ -32,6 +36,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from _alerts_receiver import AlertReceiver
 from _harness import Harness, fp, poll, report
 
 MODES = ("random", "vault_write", "mid_refresh", "lost_answer")
@@ -121,18 +126,23 @@ async def judge_frozen(h: Harness, ledger: Ledger, round_no: int) -> str:
                   f"was in flight (status {status})")
 
 
-async def settle(h: Harness, limit: float = 12.0) -> tuple[str, str | None]:
-    """Poll /token until the gateway says connected (200) or reauth_required (503)."""
+async def settle(h: Harness, expected: str, limit: float = 12.0) -> tuple[str, str | None]:
+    """Poll /token until the gateway says connected (200) or reauth_required (503).
+
+    After a lost answer the stored access token may still be valid for a moment (amoCRM keeps an access token
+    alive until it expires, whatever happens to its refresh token), so /token may rightly answer 200 until
+    the restarted gateway has judged the spent refresh token; then only reauth_required settles it.
+    """
     deadline = time.monotonic() + limit
     body: Any = None
     while time.monotonic() < deadline:
         status, body = await h.token()
-        if status == 200:
+        if status == 200 and expected != "lost":
             return "connected", None
         if status == 503 and isinstance(body, dict) and body.get("error") == "reauth_required":
             return "reauth_required", str(body.get("reason") or body.get("detail"))
         await asyncio.sleep(0.1)
-    return "unsettled", str(body)
+    return ("connected", None) if status == 200 else ("unsettled", str(body))
 
 
 async def check_running(h: Harness, round_no: int) -> None:
@@ -161,7 +171,7 @@ async def one_round(h: Harness, ledger: Ledger, rng: random.Random, round_no: in
         await h.faults(clear=True)
     expected = await judge_frozen(h, ledger, round_no)
     await h.start()
-    outcome, reason = await settle(h)
+    outcome, reason = await settle(h, expected)
     await judge_comeback(h, ledger, round_no, expected, outcome, reason)
 
 
@@ -187,7 +197,9 @@ async def run(kills: int, seed: int, access_ttl: int, workdir: Path, max_seconds
     started = time.monotonic()
     stats: dict[str, Any] = {}
     final = "not reached"
-    async with Harness(workdir, access_ttl=access_ttl) as h:
+    receiver = AlertReceiver()
+    await receiver.start()
+    async with Harness(workdir, access_ttl=access_ttl, extra_env=receiver.env()) as h:
         try:
             await h.start()
             await h.connect()
@@ -197,11 +209,27 @@ async def run(kills: int, seed: int, access_ttl: int, workdir: Path, max_seconds
                     break
                 await one_round(h, ledger, rng, round_no)
             stats = await h.stats()
+            await receiver.drained(h.vault_path, limit=30)
             await h.stop()
             final = await judge_frozen(h, ledger, kills + 1)
         except Exception as err:  # an invariant broke, or the rig did: either way a recorded failure, not a crash
             ledger.failures.append(str(err) if isinstance(err, Failure) else f"{type(err).__name__}: {err}")
-    return figures(ledger, stats, final, time.monotonic() - started, seed)
+    await receiver.close()
+    result = figures(ledger, stats, final, time.monotonic() - started, seed)
+    result["alerts"] = alert_figures(receiver, h.vault_path, ledger, result["failures"])
+    return result
+
+
+def alert_figures(receiver: AlertReceiver, vault_path: Path, ledger: Ledger, failures: list[str]) -> dict[str, Any]:
+    """Lost pairs against `refresh_answer_lost` alerts; a difference, a bad signature or a leftover is a failure."""
+    lost = ledger.outcomes["reauth_refresh_answer_lost"]
+    figures = receiver.figures(vault_path)
+    figures["reauth_refresh_answer_lost_outcomes"] = lost
+    if figures["refresh_answer_lost"] != lost:
+        failures.append(f"{lost} lost pairs but {figures['refresh_answer_lost']} refresh_answer_lost alerts")
+    if figures["bad_signatures"] or figures["pending_at_end"]:
+        failures.append(f"alerts: {figures['bad_signatures']} bad signatures, {figures['pending_at_end']} undelivered")
+    return figures
 
 
 def figures(ledger: Ledger, stats: dict[str, Any], final: str, seconds: float, seed: int) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from amo_gateway.sandbox import (
 )
 from amo_gateway.serve import runner_options
 from amo_gateway.settings import PREFIX, Settings
+from amo_gateway.typedefs import ACCESS_LOG
 from amo_gateway.vault import KeyRing, Vault
 from tests.pg import PgVaultView, ThrowawayPostgres, throwaway_postgres
 
@@ -174,7 +175,7 @@ async def make_rig(tmp_path: Path, keys: KeyRing, aiohttp_client: Any, request: 
         settings = Settings.model_validate(values)
         app = create_app(settings, clock=clock, keys=keys, run_refresher=run_refresher, resolver=resolver)
         server = TestServer(app, host="127.0.0.1", port=port)
-        await server.start_server(**runner_options(settings))  # the service's own access log and timeouts
+        await server.start_server(**runner_options(settings, app[ACCESS_LOG]))  # the service's access log, timeouts
         client = await aiohttp_client(server)
         rig = Rig(client, app, sandbox_app[SANDBOX_STATE], sandbox_url, settings, keys,
                   {"Authorization": f"Bearer {admin_token}"})

@@ -7,11 +7,13 @@ import hashlib
 import hmac
 import json
 import stat
+from pathlib import Path
 
 import pytest
 
 from amo_gateway import cli
-from amo_gateway.audit import audit_path
+from amo_gateway.audit import FIELD_LIMIT, audit_path
+from amo_gateway.audit_file import Rotation, append_lines, read_lines
 from amo_gateway.typedefs import AUDIT, MANAGER
 from tests.conftest import ACCOUNT_ID, API_KEY, Rig, RigFactory
 
@@ -96,3 +98,70 @@ async def test_cli_audit_shows_the_tail_as_json_or_for_people(make_rig: RigFacto
     assert await asyncio.to_thread(cli.main, ["audit"]) == 0
     rows = capsys.readouterr().out.splitlines()
     assert len(rows) == len(stored) and "token.issued" in rows[-1] and "consumer=crm-sync" in rows[-1]
+
+
+def _disconnect_params(account: str) -> dict[str, str]:
+    return {"account_id": account, "client_uuid": "not-ours", "signature": "0" * 64}
+
+
+def _trail_bytes(rig: Rig) -> int:
+    path = audit_path(rig.settings.vault_path)
+    return sum(f.stat().st_size for f in path.parent.glob(path.name + "*"))
+
+
+async def test_300_refused_2kb_disconnects_grow_the_trail_by_less_than_200kb(make_rig: RigFactory) -> None:
+    """The issue's bar: long caller values are cut and repeated refusals merged into one counted line."""
+    rig = await make_rig(run_refresher=False)
+    await rig.connect()
+    before = _trail_bytes(rig)
+    for number in range(300):
+        resp = await rig.client.get(rig.url("/disconnect"), params=_disconnect_params(f"{number:04d}" + "x" * 2040))
+        assert resp.status == 403
+    lines = await _lines(rig)
+    assert _trail_bytes(rig) - before < 200_000
+    refused = [line for line in lines if line["event"] == "disconnect.refused"]
+    assert len(refused) == 2  # the first in full (its account cut), then one line counting the other 299
+    assert len(str(refused[0]["account"])) < FIELD_LIMIT + 32 and "2044 chars" in str(refused[0]["account"])
+    assert refused[1]["repeated"] == 299 and refused[1]["reason"] == "invalid_signature"
+
+
+async def test_merged_refusals_get_one_count_line_per_interval_without_waiting_for_more(
+        make_rig: RigFactory) -> None:
+    """Each interval writes its first refusal in full and, when it ends, one line with the count of the rest."""
+    rig = await make_rig(run_refresher=False, audit_merge_seconds=1.0)
+    for _ in range(2):
+        for _ in range(5):
+            await rig.client.get(rig.url("/callback"), params={"code": "c", "state": "forged"})
+        await asyncio.sleep(1.5)  # the writer itself writes the count when the interval ends
+    text = audit_path(rig.settings.vault_path).read_text(encoding="utf-8")
+    refused = [json.loads(line) for line in text.splitlines() if "callback.refused" in line]
+    assert [line.get("repeated") for line in refused] == [None, 4, None, 4]
+
+
+async def test_the_trail_rotates_by_size_and_keeps_a_bounded_number_of_old_files(make_rig: RigFactory) -> None:
+    """With merging off, 300 refusals roll the trail over; only AMO_AUDIT_BACKUPS old files stay."""
+    rig = await make_rig(run_refresher=False, audit_merge_seconds=0, audit_max_bytes=8192, audit_backups=2)
+    for number in range(300):
+        await rig.client.get(rig.url("/disconnect"), params=_disconnect_params(f"acct-{number}"))
+        if number % 50 == 0:
+            await rig.app[AUDIT].flush()
+    await rig.app[AUDIT].flush()
+    path = audit_path(rig.settings.vault_path)
+    assert sorted(p.name for p in path.parent.glob("audit.log*")) == ["audit.log", "audit.log.1", "audit.log.2"]
+    assert _trail_bytes(rig) <= 3 * 8192 + 50 * 1024
+    kept = read_lines(path)
+    assert json.loads(kept[-1])["account"] == "acct-299"
+    numbers = [int(json.loads(line)["account"].split("-")[1]) for line in kept]
+    assert numbers == sorted(numbers)  # oldest file first, no gap inside what is kept
+    assert numbers == list(range(numbers[0], 300))
+
+
+def test_append_rotates_before_the_file_would_pass_its_limit(tmp_path: Path) -> None:
+    """Blocking writer: each file stays under max_bytes; the oldest beyond the backups is dropped."""
+    path = tmp_path / "audit.log"
+    for number in range(100):
+        append_lines(path, [json.dumps({"n": number, "pad": "p" * 80})], Rotation(max_bytes=1000, backups=3))
+    files = sorted(tmp_path.iterdir())
+    assert [f.name for f in files] == ["audit.log", "audit.log.1", "audit.log.2", "audit.log.3"]
+    assert all(f.stat().st_size <= 1000 for f in files)
+    assert [json.loads(line)["n"] for line in read_lines(path)][-1] == 99

@@ -88,7 +88,7 @@ def test_the_cli_beside_make_run_needs_no_exports(tmp_path: Path) -> None:
                 break
             time.sleep(0.05)
         rows = json.loads(_cli(tmp_path, "status", "--json").stdout)
-        assert [(r["account_id"], r["state"]) for r in rows] == [("31920194", "connected")]
+        assert [(r["account_id"], r["subdomain"], r["state"]) for r in rows] == [("31920194", "demo", "connected")]
 
         refused = _cli(tmp_path, "forget", "31920194")  # no terminal to ask on: refuses rather than guess
         assert refused.returncode == 2 and "--yes" in refused.stderr

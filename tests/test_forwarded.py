@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from amo_gateway.app import create_app
 from amo_gateway.errors import ConfigError
 from amo_gateway.forwarded import TrustedProxyForwarded
-from amo_gateway.logs import AccessLogger
+from amo_gateway.logs import AccessLog
+from amo_gateway.serve import runner_options
 from amo_gateway.settings import Settings
 from amo_gateway.vault import KeyRing
 
@@ -25,43 +28,49 @@ async def _whoami(request: web.Request) -> web.Response:
     return web.json_response({"remote": request.remote, "scheme": request.scheme, "host": request.host})
 
 
-async def _gateway(aiohttp_client: Any, tmp_path: Path, keys: KeyRing, trusted: list[str]) -> TestClient[Any, Any]:
-    """The real gateway app (create_app), plus /_whoami, served with the gateway's own access logger."""
+async def _gateway(aiohttp_client: Any, tmp_path: Path, keys: KeyRing, trusted: list[str],
+                   access: io.StringIO | None = None) -> TestClient[Any, Any]:
+    """The real gateway app (create_app), plus /_whoami, served with the gateway's own access log (into `access`)."""
     settings = Settings.model_validate({"vault_path": tmp_path / "vault" / "vault.enc", "trusted_proxies": trusted})
-    app = create_app(settings, keys=keys, run_refresher=False)
+    sink = AccessLog(settings.log_format, access)
+    app = create_app(settings, keys=keys, run_refresher=False, access_log=sink)
     app.router.add_get("/_whoami", _whoami)
     server = TestServer(app, host="127.0.0.1")
-    await server.start_server(access_log_class=AccessLogger)
+    await server.start_server(**runner_options(settings, sink))
     client: TestClient[Any, Any] = await aiohttp_client(server)
     return client
 
 
-def _access_remotes(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.fields["remote"] for r in caplog.records if r.getMessage() == "http.access"]  # type: ignore[attr-defined]
+async def _access_remotes(client: TestClient[Any, Any], access: io.StringIO) -> list[str]:
+    """The `remote` of every access line, once the server stopped (its cleanup writes what is pending)."""
+    await client.close()
+    return [json.loads(line)["remote"] for line in access.getvalue().splitlines() if '"http.access"' in line]
 
 
 async def test_forwarded_headers_from_the_trusted_proxy_name_the_client(
         aiohttp_client: Any, tmp_path: Path, keys: KeyRing, caplog: pytest.LogCaptureFixture) -> None:
     """From 127.0.0.1 (the default proxy), X-Forwarded-For/-Proto become request.remote and .scheme."""
-    client = await _gateway(aiohttp_client, tmp_path, keys, ["127.0.0.1", "::1"])
+    access = io.StringIO()
+    client = await _gateway(aiohttp_client, tmp_path, keys, ["127.0.0.1", "::1"], access)
     with caplog.at_level(logging.INFO):
         resp = await client.get("/_whoami", headers=FORGED)
         seen = await resp.json()
     assert seen == {"remote": "203.0.113.66", "scheme": "https", "host": "evil.example"}
-    assert _access_remotes(caplog) == ["203.0.113.66"]
+    assert await _access_remotes(client, access) == ["203.0.113.66"]
 
 
 async def test_forged_forwarded_headers_from_an_untrusted_peer_are_ignored(
         aiohttp_client: Any, tmp_path: Path, keys: KeyRing, caplog: pytest.LogCaptureFixture) -> None:
     """With the proxy configured elsewhere, a forged X-Forwarded-For changes neither request.remote nor the log."""
-    client = await _gateway(aiohttp_client, tmp_path, keys, ["192.0.2.10"])
+    access = io.StringIO()
+    client = await _gateway(aiohttp_client, tmp_path, keys, ["192.0.2.10"], access)
     with caplog.at_level(logging.INFO):
         resp = await client.get("/_whoami", headers=FORGED)
         seen = await resp.json()
     assert seen["remote"] == "127.0.0.1"
     assert seen["scheme"] == "http"
     assert seen["host"] != "evil.example"
-    assert _access_remotes(caplog) == ["127.0.0.1"]
+    assert await _access_remotes(client, access) == ["127.0.0.1"]
 
 
 async def test_trusted_peer_without_forwarded_headers_is_served_as_itself(

@@ -156,7 +156,7 @@ async def test_an_early_token_death_still_costs_one_refresh_and_the_budget_reope
 async def test_idempotency_answers_stay_under_the_byte_cap_least_recently_used_out(make_rig: RigFactory) -> None:
     """A small AMO_IDEMPOTENCY_MAX_BYTES: old answers lose their bodies (409 on retry, never a second create)."""
     rig = await _connected(make_rig, idempotency_max_bytes=4000, rate_limit=50, sandbox_rate_limit=50)
-    url = rig.url("/proxy/api/v4/leads")
+    url = rig.url("/proxy/api/v4/echo")
 
     async def post(key: str) -> aiohttp.ClientResponse:  # the sandbox echoes X-Pad: about 1.5 kB an answer
         return await rig.client.post(url, json=[{"name": "x"}],

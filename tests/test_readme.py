@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from amo_gateway.cli import _parser
 from amo_gateway.settings import Settings, env_name
+from tests.test_cli_operator import _env, _make_run
 
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -48,3 +52,51 @@ def test_readme_sections_named_by_the_shipped_files_exist() -> None:
     headings = {line.lstrip("#").strip() for line in README.splitlines() if line.startswith("#")}
     assert "Reaching the internal endpoints" in named
     assert {name for name in named if not any(h.startswith(name) for h in headings)} == set()
+
+
+def _walkthrough() -> list[tuple[str, list[str]]]:
+    """The walkthrough's bash block as (command, the `#>` lines it is shown to print)."""
+    section = README[README.index("## Walkthrough"):README.index("## Швидкий старт")]
+    block = section[section.index("```bash\n") + 8:section.index("\n```", section.index("```bash\n"))]
+    steps: list[tuple[str, list[str]]] = []
+    command: list[str] = []
+    for line in block.splitlines():
+        if line.startswith("#>"):
+            steps[-1][1].append(line[2:].strip())
+        elif line.startswith("#") or not line.strip():
+            continue
+        else:
+            command.append(line)
+            if not line.endswith("\\"):
+                steps.append(("\n".join(command), []))
+                command = []
+    return steps
+
+
+def _shape(expected: str) -> re.Pattern[str]:
+    """A shown line as a pattern: `...` is anything, a number is any number, the rest literal."""
+    parts = [re.escape(part) for part in expected.split("...")]
+    pattern = ".*".join(re.sub(r"\d+", r"\\d+", part) for part in parts)
+    return re.compile(pattern)
+
+
+@pytest.mark.slow
+def test_the_walkthrough_prints_what_the_readme_shows(tmp_path: Path) -> None:
+    """The README's walkthrough block, run as pasted against `make run`'s set-up, prints the shapes it shows."""
+    steps = _walkthrough()
+    assert len(steps) >= 8 and sum(1 for _, shown in steps if shown) >= 7
+    with _make_run(tmp_path) as port:
+        marker = "@@step@@"
+        script = "\n".join(f"{cmd}\necho {marker}" for cmd, _ in steps)
+        script = script.replace("127.0.0.1:8081", f"127.0.0.1:{port + 1}")
+        script = script.replace("127.0.0.1:8080", f"127.0.0.1:{port}")
+        done = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                              check=False, env=_env())
+    outputs = done.stdout.split(f"{marker}\n")
+    assert len(outputs) == len(steps) + 1, (done.stdout, done.stderr)
+    for (command, shown), printed in zip(steps, outputs, strict=False):
+        lines = [ln.rstrip("\r") for ln in printed.splitlines() if ln.strip()]
+        assert len(lines) == len(shown), f"{command!r} printed {lines}, the README shows {shown}"
+        for want, got in zip(shown, lines, strict=True):
+            want = want.replace("127.0.0.1:8081", f"127.0.0.1:{port + 1}")
+            assert _shape(want).fullmatch(got), f"{command!r}: printed {got!r}, the README shows {want!r}"

@@ -262,21 +262,19 @@ async def test_account_endpoint_answers_hal_json_or_401(start: Any, clock: FakeC
 
 
 async def test_api_echoes_what_the_proxy_sent(start: Any) -> None:
-    """Any other /api/v4 call echoes method, path, query, body hash and headers without Authorization."""
+    """A call the sandbox does not model echoes method, path, query, body hash and headers (no Authorization)."""
     client = await start()
     access = (await connect(client))["access_token"]
     payload = b'[{"name": "deal"}]'
     headers = {**bearer(access), "X-Trace": "abc", "Content-Type": "application/json"}
-    resp = await client.patch("/api/v4/leads/7?with=contacts&page=2", data=payload, headers=headers)
+    resp = await client.patch("/api/v4/echo/7?with=contacts&page=2", data=payload, headers=headers)
     assert resp.status == 200
     echo = await resp.json()
-    assert echo["method"] == "PATCH" and echo["path"] == "/api/v4/leads/7"
+    assert echo["method"] == "PATCH" and echo["path"] == "/api/v4/echo/7"
     assert echo["query"] == "with=contacts&page=2"
     assert echo["body_sha256"] == hashlib.sha256(payload).hexdigest() and echo["body_length"] == len(payload)
     assert echo["headers"]["X-Trace"] == "abc" and "Authorization" not in echo["headers"]
-    leads = await (await client.get("/api/v4/leads", headers=bearer(access))).json()
-    assert leads["method"] == "GET" and leads["_embedded"]["leads"]
-    await problem(await client.post("/api/v4/leads", json=[]), 401)
+    await problem(await client.post("/api/v4/echo", json=[]), 401)
 
 
 async def test_rate_limiter_answers_429_over_the_limit_per_second(start: Any, clock: FakeClock) -> None:
@@ -549,8 +547,8 @@ async def test_cleanup_cancels_pending_callbacks(aiohttp_server: ServerFactory) 
 def test_cli_flags_build_a_one_account_config() -> None:
     """The standalone CLI's flags become a one-account SandboxConfig."""
     args = parse_args(["--client-id", "X", "--client-secret", "Y", "--redirect-uri", "http://gw/cb",
-                       "--subdomain", "acme", "--access-ttl", "60"])
+                       "--subdomain", "acme", "--access-ttl", "60", "--seed-entities", "40"])
     config = config_from_args(args)
-    assert config.client_id == "X" and config.access_ttl == 60
+    assert config.client_id == "X" and config.access_ttl == 60 and config.seed_entities == 40
     assert config.accounts[0].subdomain == "acme" and config.accounts[0].account_id == 31920194
     assert config.accounts[0].users == {"demo@example.com": "sandbox-api-key"}

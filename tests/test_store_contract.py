@@ -96,7 +96,7 @@ async def test_a_marker_left_behind_is_handed_to_the_next_claim_as_lost_answer_e
     assert len(claims) == 1 and claims[0][1] is not None and claims[0][1].refresh_fp == fingerprint("r-0")
     rejected = Outcome("1", "reauth", reason="refresh_answer_lost: test",
                        error=UpstreamRejected("no", hint="Token has been revoked"))
-    stored = await two.store_outcomes([rejected])
+    stored = await two.store_outcomes([rejected], NOW + 2)
     assert stored["1"].status == "reauth_required" and stored["1"].in_flight is None
     assert (await one.reload()).accounts["1"].reason == "refresh_answer_lost: test"
 
@@ -118,7 +118,8 @@ async def test_an_outcome_is_stored_for_every_instance_and_a_forgotten_account_s
     await one.claim(["1", "2"], NOW, 60, None, skip_locked=True)
     await two.forget("2")  # disconnected while its refresh was in flight
     fresh = TokenPair("a-new", "r-1", NOW + 86400, NOW)
-    stored = await one.store_outcomes([Outcome("1", "refreshed", pair=fresh), Outcome("2", "refreshed", pair=fresh)])
+    stored = await one.store_outcomes([Outcome("1", "refreshed", pair=fresh), Outcome("2", "refreshed", pair=fresh)],
+                                      NOW)
     assert set(stored) == {"1"}
     seen = await two.reload()
     assert seen.accounts["1"].tokens == fresh and seen.accounts["1"].in_flight is None
@@ -226,7 +227,7 @@ CLAIMER = textwrap.dedent('''
                 token = claims[0][0].tokens.refresh_token
                 spent.append(token)
                 pair = TokenPair("a", f"{{token}}-{tag}{{n}}", 2e9, 1e9)
-                await store.store_outcomes([Outcome("1", "refreshed", pair=pair)])
+                await store.store_outcomes([Outcome("1", "refreshed", pair=pair)], 1.9e9)
         locks.close()
         await store.close()
         print(" ".join(spent))

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 from amo_gateway.idempotency import Answers
 from amo_gateway.ratelimit import Limiters
 from amo_gateway.tokens import Account, InFlight, PendingState, VaultData
+from amo_gateway.vault import KeyRing
 
 if TYPE_CHECKING:
     from amo_gateway.manager import Outcome
@@ -49,6 +50,14 @@ class RefreshLockSet(Protocol):
 class StateStore(Protocol):
     """Accounts and their token pairs, pending states, exchange slots and in-flight markers, shared."""
 
+    @property
+    def keys(self) -> KeyRing:
+        """The vault key ring the state is sealed with (the console derives its session key from it)."""
+
+    @property
+    def where(self) -> str:
+        """Where the state lives, for messages: the vault's path, or `PostgreSQL`."""
+
     async def open(self) -> None:
         """Prepare the backend (directory or migrations) and read the state once; fail start-up if unusable."""
 
@@ -76,8 +85,8 @@ class StateStore(Protocol):
         `skip_locked`: the scheduler's batches pass over accounts another writer is changing right now.
         """
 
-    async def store_outcomes(self, outcomes: Sequence[Outcome]) -> dict[str, Account]:
-        """Store every refresh result in one step; an account forgotten meanwhile stays forgotten."""
+    async def store_outcomes(self, outcomes: Sequence[Outcome], now: float) -> dict[str, Account]:
+        """Store every refresh result in one step (`now`: when they came back); a forgotten account stays so."""
 
     async def put_account(self, account: Account) -> None:
         """Store a newly connected (or reconnected) account, replacing any earlier record of it."""

@@ -100,6 +100,10 @@ class PgStore:
         return self._sealer.keys
 
     @property
+    def where(self) -> str:
+        return "PostgreSQL (AMO_DATABASE_URL)"
+
+    @property
     def pool(self) -> Pool:
         if self._pool is None:
             raise StateUnavailable("the PostgreSQL state is not open")
@@ -240,14 +244,14 @@ class PgStore:
         return await self._change(lambda data: _claim(data, ids, now, margin, seen), accounts=ids,
                                   skip_locked=skip_locked)
 
-    async def store_outcomes(self, outcomes: Sequence[Outcome]) -> dict[str, Account]:
+    async def store_outcomes(self, outcomes: Sequence[Outcome], now: float) -> dict[str, Account]:
         """Retried through a lost connection: the new pair exists nowhere else, and the lease keeps it ours."""
         ids = [o.account_id for o in outcomes]
         deadline = time.monotonic() + self._lease_seconds / 2
         pause = 0.2
         while True:
             try:
-                return await self._change(lambda data: _apply(data, list(outcomes)), accounts=ids)
+                return await self._change(lambda data: _apply(data, list(outcomes), now), accounts=ids)
             except StateUnavailable as err:
                 if time.monotonic() + pause > deadline:
                     raise

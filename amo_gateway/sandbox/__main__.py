@@ -34,6 +34,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api-domain", default=None)
     p.add_argument("--rate-limit", type=int, default=7)
     p.add_argument("--ban-after", type=int, default=None)
+    p.add_argument("--seed-entities", type=int, default=3, help="leads, contacts and companies the account starts with")
     return p.parse_args(argv)
 
 
@@ -47,7 +48,7 @@ def config_from_args(args: argparse.Namespace) -> SandboxConfig:
         accounts=[account], access_ttl=args.access_ttl, code_ttl=args.code_ttl,
         exchange_interval=args.exchange_interval, callback_delay=args.callback_delay,
         send_referer=not args.no_referer, base_domain=args.base_domain, api_domain=args.api_domain,
-        rate_limit=args.rate_limit, ban_after=args.ban_after)
+        rate_limit=args.rate_limit, ban_after=args.ban_after, seed_entities=args.seed_entities)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

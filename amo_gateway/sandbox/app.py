@@ -16,11 +16,11 @@ from aiohttp import web
 from yarl import URL
 
 from amo_gateway.sandbox.config import SandboxAccount, SandboxConfig
-from amo_gateway.sandbox.state import ROUTES, OAuthProblem, SandboxState
+from amo_gateway.sandbox.crm_api import add_entity_routes, bearer_account, compressed, validation_problem
+from amo_gateway.sandbox.entities import ValidationFailed, self_link
+from amo_gateway.sandbox.state import ROUTES, SANDBOX_STATE, OAuthProblem, SandboxState
 
-SANDBOX_STATE = web.AppKey("sandbox_state", SandboxState)
 CLIENT_TITLE = "Некорректный клиент"
-API_PROBLEM_TYPE = "https://httpstatus.es/401"
 CALLBACK_TIMEOUT = aiohttp.ClientTimeout(total=3)
 HTML_TEMPLATE = ("<html>\r\n<head><title>{s} {r}</title></head>\r\n<body>\r\n"
                  "<center><h1>{s} {r}</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n")
@@ -69,7 +69,7 @@ def _fault(status: int) -> web.Response:
 @web.middleware
 async def _upstream_rules(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Apply the ban, the test switches and the /api/v4 rate limit; render OAuthProblem as problem+json."""
-    route = request.match_info.route.name
+    route = (request.match_info.route.name or "").partition(":")[0]  # `api:list` and the rest count as `api`
     if route not in ROUTES:
         return await handler(request)
     state = request.app[SANDBOX_STATE]
@@ -92,6 +92,8 @@ async def _upstream_rules(request: web.Request, handler: Handler) -> web.StreamR
         return await handler(request)
     except OAuthProblem as problem:
         return _problem(problem)
+    except ValidationFailed as failed:
+        return validation_problem(failed)
 
 
 async def _read_body(request: web.Request, *, form: bool) -> dict[str, Any]:
@@ -196,41 +198,24 @@ async def _deliver(app: web.Application, account: SandboxAccount, code: str, sta
         record["error"] = f"{type(exc).__name__}: {exc}"
 
 
-def _bearer_account(request: web.Request) -> SandboxAccount:
-    """The host's account when the bearer token is a valid access token of it, else 401."""
-    state = request.app[SANDBOX_STATE]
-    account = state.account_for_host(request.host)
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    refused = state.always_unauthorized(request.path)
-    if refused or scheme.lower() != "bearer" or state.access_account(token.strip()) != account.account_id:
-        raise OAuthProblem(401, "Unauthorized", title="Unauthorized", type_=API_PROBLEM_TYPE,
-                           detail="Access token is invalid or expired")
-    return account
-
-
 async def _account(request: web.Request) -> web.StreamResponse:
     """GET /api/v4/account: the account's card as HAL+JSON."""
-    account, config = _bearer_account(request), request.app[SANDBOX_STATE].config
+    account = bearer_account(request)
     body = {"id": account.account_id, "name": account.name, "subdomain": account.subdomain,
             "current_user_id": account.current_user_id, **ACCOUNT_CARD,
-            "_links": {"self": {"href": f"https://{config.account_host(account)}/api/v4/account"}}}
-    return web.json_response(body, content_type="application/hal+json")
+            "_links": self_link(f"{request.scheme}://{request.host}", "/api/v4/account")}
+    return compressed(request, web.json_response(body, content_type="application/hal+json"))
 
 
 async def _api(request: web.Request) -> web.StreamResponse:
-    """Any other /api/v4 call: an echo of what arrived (and fake leads for GET /api/v4/leads)."""
-    _bearer_account(request)
+    """Any /api/v4 call the sandbox does not model (e.g. /api/v4/echo): an echo of what arrived."""
+    bearer_account(request)
     raw = await request.read()
     body: dict[str, Any] = {
         "method": request.method, "path": request.path, "query": request.query_string,
         "body_sha256": hashlib.sha256(raw).hexdigest(), "body_length": len(raw),
         "headers": {k: v for k, v in request.headers.items() if k.lower() != "authorization"}}
-    if request.method == "GET" and request.path.rstrip("/") == "/api/v4/leads":
-        body["_embedded"] = {"leads": [{"id": i, "name": f"Lead {i}", "price": 1000 * i} for i in (1, 2, 3)]}
-    answer = web.json_response(body)
-    if request.app[SANDBOX_STATE].config.gzip_api:
-        answer.enable_compression()  # as amoCRM's nginx does for a caller that accepts gzip
-    return answer
+    return compressed(request, web.json_response(body))
 
 
 async def _subdomain(request: web.Request) -> web.StreamResponse:
@@ -342,6 +327,7 @@ def create_sandbox_app(config: SandboxConfig) -> web.Application:
     router.add_post("/oauth2/exchange_api_key", _exchange, name="exchange")
     router.add_get("/oauth2/account/current/subdomain", _subdomain, name="subdomain")
     router.add_get("/api/v4/account", _account, name="account")
+    add_entity_routes(router)  # before the echo, which takes whatever they leave
     router.add_route("*", "/api/v4/{tail:.*}", _api, name="api")
     router.add_get("/_sandbox/stats", _stats)
     router.add_post("/_sandbox/faults", _faults)

@@ -41,7 +41,8 @@ class SandboxConfig:
     api_domain: str | None = None
     rate_limit: int = 7
     ban_after: int | None = None
-    gzip_api: bool = False  # compress /api/v4 answers for callers that accept gzip, as amoCRM's nginx does
+    gzip_api: bool = True  # compress /api/v4 answers for callers that accept gzip, as amoCRM's nginx does
+    seed_entities: int = 3  # leads, contacts and companies each account starts with
     clock: Callable[[], float] = time.time
 
     def __post_init__(self) -> None:

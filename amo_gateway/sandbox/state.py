@@ -9,7 +9,10 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+from aiohttp import web
+
 from amo_gateway.sandbox.config import SandboxAccount, SandboxConfig
+from amo_gateway.sandbox.entities import EntityStore
 
 PROBLEM_TYPE = "https://developers.amocrm.ru/v3/errors/OAuthProblemJson"
 BAD_REQUEST = ("The request is missing a required parameter, includes an invalid parameter value, "
@@ -102,6 +105,10 @@ class SandboxState:
         self.api_requests = 0
         self.rate_limited = 0
         self.dropped_refreshes = 0
+        # Leads, contacts and companies, a few of each per account to begin with.
+        self.entities = EntityStore()
+        for account in config.accounts:
+            self.entities.seed(account.account_id, account.current_user_id, config.seed_entities, int(self.clock()))
 
     # Accounts.
     def account_for_host(self, host: str | None) -> SandboxAccount:
@@ -322,3 +329,6 @@ class SandboxState:
             "banned": sorted(self.banned), "revoked_accounts": sorted(self.revoked_accounts),
             "unauthorized_paths": sorted(self.unauthorized_paths),
         }
+
+
+SANDBOX_STATE = web.AppKey("sandbox_state", SandboxState)

@@ -1,0 +1,115 @@
+"""The mutation gate: mutmut over the modules that carry the guarantees, kill rate per module, target enforced.
+
+Runs `mutmut run` (configured in pyproject.toml's [tool.mutmut]: which modules, which fast tests), then reads
+`mutmut results --all true` and prints, per module, how many mutants the tests killed. A mutant counts as
+killed when a test failed, timed out or crashed on it; a survivor or a mutant no test reaches counts
+against the rate. The exit status is non-zero when any module stays below the target. mutmut keeps its
+results in mutants/: a second run checks new or changed mutants and re-checks those not killed before
+(`--fresh` starts over). `mutmut show <name>` prints a survivor's diff.
+Usage: python scripts/mutation.py [--max-children 2] [--target 90] [--report out.json] [--no-run] [--fresh]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODULES = ["vault", "store", "manager", "locks", "auth", "ratelimit"]
+KILLED = {"killed", "timeout", "segfault", "caught by type check"}
+
+
+def run_mutmut(max_children: int, names: list[str] | None = None) -> int:
+    """One mutmut run (all pending mutants, or just `names`); mutmut prints its own progress."""
+    command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), *(names or [])]
+    return subprocess.run(command, cwd=ROOT, check=False).returncode
+
+
+def run_all(max_children: int) -> int:
+    """Check new and changed mutants, then re-check every cached one not killed: tests added since may kill it."""
+    status = run_mutmut(max_children)
+    if status != 0:
+        return status
+    again = sorted(name for name, state in statuses().items() if state not in KILLED)
+    return run_mutmut(max_children, again) if again else 0
+
+
+def statuses() -> dict[str, str]:
+    """Every mutant's name and status, as `mutmut results --all true` lists them."""
+    listed = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout
+    pairs = (line.strip().rsplit(": ", 1) for line in listed.splitlines() if "__mutmut_" in line)
+    return {name: status for name, status in pairs}
+
+
+def module_of(mutant: str) -> str:
+    """`amo_gateway.vault.xǁVaultǁsave__mutmut_3` belongs to vault."""
+    return mutant.split(".")[1]
+
+
+def tally(found: dict[str, str]) -> dict[str, Counter[str]]:
+    """Status counts per module."""
+    counts: dict[str, Counter[str]] = {m: Counter() for m in MODULES}
+    for name, status in found.items():
+        counts.setdefault(module_of(name), Counter())[status] += 1
+    return counts
+
+
+def rate(counts: Counter[str]) -> float:
+    """Per cent of mutants killed (100 for a module without mutants)."""
+    total = sum(counts.values())
+    return 100.0 * sum(counts[s] for s in KILLED) / total if total else 100.0
+
+
+def print_table(counts: dict[str, Counter[str]], target: float) -> list[str]:
+    """One line per module; returns the modules below the target."""
+    print(f"{'module':<12}{'mutants':>8}{'killed':>8}{'survived':>9}{'no tests':>9}{'other':>7}{'kill rate':>11}")
+    below = []
+    for module, c in counts.items():
+        killed = sum(c[s] for s in KILLED)
+        other = sum(c.values()) - killed - c["survived"] - c["no tests"]
+        flag = "" if rate(c) >= target else f"  < {target:g}%"
+        below += [module] if flag else []
+        print(f"{module + '.py':<12}{sum(c.values()):>8}{killed:>8}{c['survived']:>9}{c['no tests']:>9}{other:>7}"
+              f"{rate(c):>10.1f}%{flag}")
+    overall: Counter[str] = sum(counts.values(), Counter())
+    print(f"{'all':<12}{sum(overall.values()):>8}{sum(overall[s] for s in KILLED):>8}{overall['survived']:>9}"
+          f"{overall['no tests']:>9}{'':>7}{rate(overall):>10.1f}%")
+    return below
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max-children", type=int, default=2, help="parallel mutant runs (default 2)")
+    parser.add_argument("--target", type=float, default=90.0, help="minimum kill rate per module, in per cent")
+    parser.add_argument("--report", type=Path, help="also write the counts and survivors as JSON here")
+    parser.add_argument("--no-run", action="store_true", help="only report the results of the last run")
+    parser.add_argument("--fresh", action="store_true", help="forget mutmut's cached results (mutants/) first")
+    args = parser.parse_args()
+    if args.fresh:
+        shutil.rmtree(ROOT / "mutants", ignore_errors=True)
+    if not args.no_run and run_all(args.max_children) != 0:
+        print("mutmut run failed (see above)", file=sys.stderr)
+        return 2
+    found = statuses()
+    counts = tally(found)
+    below = print_table(counts, args.target)
+    survivors = sorted(n for n, s in found.items() if s not in KILLED)
+    print("not killed (mutmut show <name>):", *survivors, sep="\n  ")
+    if args.report:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        data = {"counts": {m: dict(c) for m, c in counts.items()}, "rates": {m: rate(c) for m, c in counts.items()},
+                "not_killed": {n: found[n] for n in survivors}}
+        args.report.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    if below:
+        print(f"kill rate below {args.target:g}% in: {', '.join(below)}", file=sys.stderr)
+    return 1 if below or not found else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

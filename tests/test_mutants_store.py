@@ -1,0 +1,116 @@
+"""The store's cached snapshot (store.py): fast when nothing changed, never blind to another writer.
+
+"Another process" is a second Vault object on the same file, which is what another gateway process is
+from the file's point of view.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from cryptography.fernet import Fernet
+
+from amo_gateway import store as store_module
+from amo_gateway.errors import VaultUndecryptable
+from amo_gateway.store import RECHECK, Store
+from amo_gateway.tokens import Account, VaultData
+from amo_gateway.vault import KeyRing, Vault
+
+
+def _add(account_id: str) -> object:
+    def change(data: VaultData) -> None:
+        data.accounts[account_id] = Account(account_id, "https://x.amocrm.ru")
+    return change
+
+
+class Counting(Vault):
+    """A vault that counts how often the store stats and reads it."""
+
+    stats = 0
+    reads = 0
+
+    def signature(self) -> tuple[int, int, int, int] | None:
+        self.stats += 1
+        return super().signature()
+
+    def read(self) -> tuple[VaultData, tuple[int, int, int, int] | None]:
+        self.reads += 1
+        return super().read()
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> Path:
+    return tmp_path / "vault.enc"
+
+
+async def test_hot_path_reads_come_from_memory_between_rechecks(paths: Path, keys: KeyRing,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Within RECHECK seconds the store neither stats nor reads the file; after it, one stat and no read."""
+    monkeypatch.setattr(store_module, "RECHECK", 60.0)  # no scheduling delay on a loaded machine reaches this
+    vault = Counting(paths, keys)
+    vault.update(_add("1"))  # type: ignore[arg-type]
+    store = Store(vault)
+    first = await store.snapshot()
+    assert (vault.stats, vault.reads) == (2, 1)  # one stat to compare, one read (which stats under the lock)
+    for _ in range(3):
+        assert await store.snapshot() is first
+    assert (vault.stats, vault.reads) == (2, 1)
+    monkeypatch.setattr(store_module, "RECHECK", 0.0)  # as if RECHECK seconds had passed
+    assert await store.snapshot() is first
+    assert (vault.stats, vault.reads) == (3, 1), "an unchanged file is stat'ed, not read again"
+
+
+async def test_another_writers_change_shows_up_after_recheck(paths: Path, keys: KeyRing,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process's write is seen once RECHECK has passed, without anyone asking for a recheck."""
+    store, other = Store(Vault(paths, keys)), Vault(paths, keys)
+    other.update(_add("1"))  # type: ignore[arg-type]
+    assert set((await store.snapshot()).accounts) == {"1"}
+    other.update(_add("2"))  # type: ignore[arg-type]
+    await asyncio.sleep(RECHECK * 1.5)
+    assert set((await store.snapshot()).accounts) == {"1", "2"}
+
+
+async def test_recheck_sees_another_writer_at_once(paths: Path, keys: KeyRing) -> None:
+    """Probes ask for recheck=True: the change of a moment ago is seen, RECHECK or not."""
+    store, other = Store(Vault(paths, keys)), Vault(paths, keys)
+    other.update(_add("1"))  # type: ignore[arg-type]
+    await store.snapshot()
+    other.update(_add("2"))  # type: ignore[arg-type]
+    assert set((await store.snapshot(recheck=True)).accounts) == {"1", "2"}
+
+
+async def test_missing_vault_is_an_empty_one(paths: Path, keys: KeyRing) -> None:
+    """Before the first connect there is no file: the snapshot is empty, twice, and the file is not created."""
+    store = Store(Vault(paths, keys))
+    assert await store.snapshot() == VaultData()
+    assert await store.snapshot(recheck=True) == VaultData()
+    assert not await asyncio.to_thread(paths.exists)
+
+
+async def test_store_picks_up_rotated_keys_once_and_goes_on(paths: Path, keys: KeyRing) -> None:
+    """After rotate-key re-encrypted the vault elsewhere, the store asks its key source and reads on."""
+    other = Vault(paths, keys)
+    other.update(_add("1"))  # type: ignore[arg-type]
+    rotated = keys.rotated()
+    other.reencrypt(KeyRing([rotated.keys[0]]))  # the old key no longer opens the file
+    asked: list[int] = []
+
+    def key_source() -> KeyRing:
+        asked.append(1)
+        return rotated
+
+    store = Store(Vault(paths, keys), key_source)
+    assert set((await store.snapshot()).accounts) == {"1"}
+    assert asked == [1]
+    assert store.vault.keys is rotated
+
+
+async def test_undecryptable_vault_without_new_keys_still_fails_loudly(paths: Path, keys: KeyRing) -> None:
+    """With no key source, or one that offers the same keys, an unreadable vault raises VaultUndecryptable."""
+    Vault(paths, KeyRing([Fernet.generate_key().decode()])).update(_add("1"))  # type: ignore[arg-type]
+    for store in (Store(Vault(paths, keys)), Store(Vault(paths, keys), lambda: keys)):
+        with pytest.raises(VaultUndecryptable):
+            await store.snapshot()

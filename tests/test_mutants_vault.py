@@ -1,0 +1,142 @@
+"""The vault's key file and its operator-facing errors (vault.py), pinned exactly: tests the mutation gate asked for."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography.fernet import Fernet
+
+from amo_gateway.errors import ConfigError, VaultError, VaultUndecryptable
+from amo_gateway.vault import KeyRing, Vault, load_keyring, write_key_file
+
+
+def test_key_file_is_written_whole_private_and_reads_back(tmp_path: Path) -> None:
+    """rotate-key's write: mode 0600, one key per line with the primary first, no temp file left behind."""
+    ring = KeyRing([Fernet.generate_key().decode()]).rotated()
+    path = tmp_path / "vault.key"
+    path.write_text("old contents that must go entirely\n" * 20)
+    write_key_file(path, ring)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.read_text(encoding="utf-8") == "\n".join(ring.keys) + "\n"
+    assert load_keyring(path, None, None).keys == ring.keys
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vault.key"]
+
+
+def test_key_file_write_replaces_the_file_never_edits_it(tmp_path: Path) -> None:
+    """A reader holding the old key file open still reads the old keys: the new file is a new inode."""
+    old, new = KeyRing([Fernet.generate_key().decode()]), KeyRing([Fernet.generate_key().decode()])
+    path = tmp_path / "vault.key"
+    write_key_file(path, old)
+    with path.open(encoding="utf-8") as reader:
+        write_key_file(path, new)
+        assert reader.read() == old.keys[0] + "\n"
+    assert load_keyring(path, None, None).keys == new.keys
+
+
+def test_key_file_write_syncs_the_data_before_the_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key file is fsynced before it replaces the old one: a crash never leaves an empty key file."""
+    order: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (order.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (order.append("replace"), real_replace(a, b))[1])
+    write_key_file(tmp_path / "vault.key", KeyRing([Fernet.generate_key().decode()]))
+    assert order == ["fsync", "replace"]
+
+
+def test_inline_keys_may_be_comma_separated() -> None:
+    """AMO_VAULT_KEY=new,old: the first encrypts, both decrypt."""
+    new, old = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+    ring = load_keyring(None, None, f"{new},{old}")
+    assert ring.keys == [new, old]
+    assert Fernet(new.encode()).decrypt(ring.encrypt(b"sealed")) == b"sealed"
+    assert ring.decrypt(Fernet(old.encode()).encrypt(b"older")) == b"older"
+
+
+def test_unreadable_key_file_is_named_in_the_error(tmp_path: Path) -> None:
+    """A missing key file fails start-up with its path and the reason, not a traceback."""
+    missing = tmp_path / "nowhere" / "vault.key"
+    with pytest.raises(ConfigError) as caught:
+        load_keyring(missing, None, None)
+    assert str(caught.value) == f"cannot read vault key file {missing}: No such file or directory"
+
+
+def test_undecryptable_vault_error_tells_the_operator_what_happened(tmp_path: Path, keys: KeyRing) -> None:
+    """Wrong key: the error names the file, the likely causes, and that nothing was overwritten."""
+    path = tmp_path / "vault.enc"
+    Vault(path, keys).save(Vault(path, keys).load())
+    stranger = Vault(path, KeyRing([Fernet.generate_key().decode()]))
+    with pytest.raises(VaultUndecryptable) as caught:
+        stranger.load()
+    assert str(caught.value) == (f"vault {path} does not decrypt with the configured keys (wrong key, tampered or"
+                                 " truncated); it was left untouched")
+
+
+def test_malformed_vault_content_is_reported_as_such(tmp_path: Path, keys: KeyRing) -> None:
+    """A file that decrypts to something other than vault JSON says so, distinctly from a wrong key."""
+    path = tmp_path / "vault.enc"
+    path.write_bytes(keys.encrypt(b'{"accounts": {"7": {}}}'))
+    with pytest.raises(VaultUndecryptable) as caught:
+        Vault(path, keys).load()
+    assert str(caught.value) == f"vault {path} decrypts but its content is malformed"
+
+
+def test_writer_reads_its_own_write_without_decrypting(tmp_path: Path, keys: KeyRing) -> None:
+    """After save() the same Vault knows the file by its write id: the next load() costs no decryption."""
+    vault = Vault(tmp_path / "vault.enc", keys)
+    data = vault.load()
+    data.exchange_slots["demo@example.com"] = 1.0
+    vault.save(data)
+    decrypts = 0
+    real = keys.decrypt
+
+    def counting(token: bytes) -> bytes:
+        nonlocal decrypts
+        decrypts += 1
+        return real(token)
+
+    keys.decrypt = counting  # type: ignore[method-assign]
+    assert vault.load() == data
+    assert decrypts == 0
+
+
+def test_prepare_creates_missing_parents_private(tmp_path: Path, keys: KeyRing) -> None:
+    """A vault path under directories that do not exist yet: they are created, the vault's own one 0700."""
+    vault = Vault(tmp_path / "a" / "b" / "vault.enc", keys)
+    vault.prepare()
+    assert stat.S_IMODE((tmp_path / "a" / "b").stat().st_mode) == 0o700
+
+
+def test_private_directory_of_another_owner_is_accepted(tmp_path: Path, keys: KeyRing,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 0700 directory someone else owns (e.g. made by systemd's StateDirectory) is fine as it is."""
+    directory = tmp_path / "state"
+    directory.mkdir(mode=0o700)
+    monkeypatch.setattr(os, "getuid", lambda: directory.stat().st_uid + 1)
+    Vault(directory / "vault.enc", keys).prepare()
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+
+
+def test_loose_directory_of_another_owner_is_refused_by_name(tmp_path: Path, keys: KeyRing,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A directory others can read, that is not ours to chmod, stops start-up with the directory's name."""
+    directory = tmp_path / "state"
+    directory.mkdir()
+    directory.chmod(0o755)
+    monkeypatch.setattr(os, "getuid", lambda: directory.stat().st_uid + 1)
+    with pytest.raises(VaultError) as caught:
+        Vault(directory / "vault.enc", keys).prepare()
+    assert str(caught.value) == f"vault directory {directory} is readable by others and not ours to fix"
+
+
+def test_key_errors_tell_the_operator_what_to_do() -> None:
+    """No key names the settings to use; a bad key says how to make a good one."""
+    with pytest.raises(ConfigError) as none_given:
+        KeyRing([])
+    assert str(none_given.value) == ("no vault key: set AMO_VAULT_KEY_FILE (or a systemd credential"
+                                     " 'vault-key')")
+    with pytest.raises(ConfigError) as bad:
+        KeyRing(["not-a-key"])
+    assert str(bad.value) == "a vault key is not a valid Fernet key (make one with `amo-gateway gen-key`)"
