@@ -4,7 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install lock run test check lint typecheck evidence soak bench mutation planted clean clean-dev nginx-available systemd-available chromium-available
+.PHONY: install lock run test check lint typecheck evidence soak bench mutation planted clean clean-dev nginx-available \
+	systemd-available chromium-available postgresql-available
 
 install: $(STAMP)
 
@@ -25,7 +26,7 @@ lock: install
 run: install
 	$(BIN)/amo-gateway serve --config config.yaml --sandbox
 
-test: install nginx-available systemd-available chromium-available
+test: install nginx-available systemd-available chromium-available postgresql-available
 	$(BIN)/python -m pytest -q -m "not evidence"
 
 # The deployment tests run Debian's nginx for real; installed here (apt-get) when missing.
@@ -41,6 +42,10 @@ systemd-available:
 # The console's browser test drives Debian's chromium (never a downloaded browser); installed here when missing.
 chromium-available:
 	@bash scripts/ensure-chromium.sh
+
+# The PostgreSQL backend's tests run a real, throwaway server (tests/pg.py); Debian's package installed when missing.
+postgresql-available:
+	@bash scripts/ensure-postgresql.sh
 
 lint: install
 	$(BIN)/ruff check amo_gateway tests scripts

@@ -30,6 +30,7 @@ from amo_gateway.alerts import (
     reconcile,
     vault_conditions,
 )
+from amo_gateway.backends.base import StateStore
 from amo_gateway.breaker import CLOSED, OPEN
 from amo_gateway.clock import Clock
 from amo_gateway.logs import event
@@ -37,7 +38,6 @@ from amo_gateway.manager import Outcome
 from amo_gateway.metrics import Metrics
 from amo_gateway.outbox import Outbox, OutboxData
 from amo_gateway.settings import Settings
-from amo_gateway.store import Store
 from amo_gateway.tokens import VaultData, backoff_delay
 from amo_gateway.vault import Unchanged
 from amo_gateway.webhook import DeliveryFailed, Target
@@ -51,7 +51,7 @@ RETRY_BASE = 1.0
 class AlertService:
     """One per process; any number of processes may share a vault and its outbox."""
 
-    def __init__(self, settings: Settings, store: Store, outbox: Outbox, targets: list[Target], clock: Clock,
+    def __init__(self, settings: Settings, store: StateStore, outbox: Outbox, targets: list[Target], clock: Clock,
                  metrics: Metrics, session: aiohttp.ClientSession,
                  breaker_states: Callable[[], dict[str, str]] | None = None) -> None:
         self.settings, self.store, self.outbox, self.targets = settings, store, outbox, targets

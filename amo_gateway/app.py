@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import os
@@ -20,12 +19,12 @@ from amo_gateway.amo_client import AmoClient
 from amo_gateway.audit import AuditLog, audit_ctx_body, audit_key, audit_path
 from amo_gateway.audit_file import audit_rotation
 from amo_gateway.auth import Authenticator
+from amo_gateway.backends import open_store
 from amo_gateway.cache import TestCache
 from amo_gateway.clock import Clock, SystemClock
 from amo_gateway.connections import ConnectionGuard, descriptor_cap
 from amo_gateway.flows import Flows
 from amo_gateway.forwarded import setup_forwarded
-from amo_gateway.locks import RefreshLocks
 from amo_gateway.logs import AccessLog, event
 from amo_gateway.manager import Outcome, TokenManager
 from amo_gateway.metrics import Metrics
@@ -35,7 +34,6 @@ from amo_gateway.proxy import Proxy
 from amo_gateway.refresher import Refresher
 from amo_gateway.routes import setup_routes
 from amo_gateway.settings import Settings
-from amo_gateway.store import Store
 from amo_gateway.typedefs import (
     ACCESS_LOG,
     ALERT_HISTORY,
@@ -55,7 +53,7 @@ from amo_gateway.typedefs import (
     TEST_CACHE,
     AlertHistory,
 )
-from amo_gateway.vault import KeyRing, Vault, load_keyring
+from amo_gateway.vault import KeyRing, load_keyring
 from amo_gateway.webhook import targets
 
 log = logging.getLogger("amo_gateway.app")
@@ -84,7 +82,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None, keys: KeyRing 
                             settings.secret("vault_key"))
 
     keyring = keys or key_source()
-    app.cleanup_ctx.append(_vault_ctx(Vault(settings.vault_path, keyring), None if keys else key_source))
+    app.cleanup_ctx.append(_store_ctx(settings, keyring, None if keys else key_source))
     app.cleanup_ctx.append(_http_ctx(resolver))
     app[METRICS] = metrics
     app[AUDIT] = AuditLog(audit_path(settings.vault_path), audit_key(keyring), rotation=audit_rotation(settings),
@@ -104,16 +102,18 @@ def create_app(settings: Settings, *, clock: Clock | None = None, keys: KeyRing 
     return app
 
 
-def _vault_ctx(vault: Vault, key_source: Callable[[], KeyRing] | None):  # type: ignore[no-untyped-def]
+def _store_ctx(settings: Settings, keys: KeyRing, key_source: Callable[[], KeyRing] | None):  # type: ignore[no-untyped-def]
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        """Open the vault: a file that does not decrypt stops start-up here and is left untouched."""
-        await asyncio.to_thread(vault.prepare)
-        with contextlib.suppress(OSError):  # made early, while there is room; every claim insists on it
-            await asyncio.to_thread(vault.reserve.ensure)  # (headroom.py); the CLI, maybe root, never makes it
-        store = Store(vault, key_source)
-        await store.reload()
+        """Open the shared state: a vault that does not decrypt (or a database out of reach) stops start-up here."""
+        store = open_store(settings, keys, key_source)
+        if settings.database_url is not None:  # the audit trail stays beside AMO_VAULT_PATH, one per replica
+            await asyncio.to_thread(settings.vault_path.parent.mkdir, mode=0o700, parents=True, exist_ok=True)
+        await store.open()
         app[STORE] = store
-        yield
+        try:
+            yield
+        finally:
+            await store.close()
 
     return ctx
 
@@ -220,7 +220,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         timeout=settings.upstream_timeout,
     )
     store = app[STORE]
-    locks = RefreshLocks(store.vault.path.with_name(store.vault.path.name + ".refresh.lock"))
+    locks = store.refresh_locks()
     app[MANAGER] = TokenManager(store, client, locks, app[CLOCK], margin=settings.refresh_margin,
                                 url_template=settings.account_url_template,
                                 base_domains=settings.allowed_base_domains)

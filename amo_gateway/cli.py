@@ -24,7 +24,7 @@ from amo_gateway.accounts import (
 )
 from amo_gateway.errors import ConfigError, GatewayError
 from amo_gateway.settings import Settings, load_settings
-from amo_gateway.tokens import Account, TokenPair, decode_claims
+from amo_gateway.tokens import Account, TokenPair, VaultData, decode_claims
 from amo_gateway.vault import KeyRing, Vault, load_keyring, write_key_file
 
 
@@ -61,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="once the vault is re-encrypted, keep only the new key (backups made under the old "
                              "keys no longer open: re-copy the key file to the off-site copy)")
     rotate.set_defaults(func=_rotate_key)
+    move = sub.add_parser("migrate-state", parents=[common], help="copy the shared state between the vault file "
+                                                                  "and PostgreSQL (idempotent, deletes nothing)")
+    move.add_argument("--to", required=True, metavar="TARGET",
+                      help="postgresql://user@host:port/database (from the vault file) or file:PATH "
+                           "(from the database of AMO_DATABASE_URL)")
+    move.set_defaults(func=_migrate_state)
     restore = sub.add_parser("restore", parents=[common],
                              help="put a vault backup back; every refresh token in it is verified with amoCRM at once")
     restore.add_argument("backup", help="the backup file (a copy of vault.enc), or - to read it from standard input")
@@ -142,10 +148,15 @@ def _rotate_key(args: argparse.Namespace) -> int:
     new_keys = vault.keys.rotated()
     write_key_file(key_file, new_keys)  # lists the old keys too: a crash before the next line loses nothing
     vault.reencrypt(new_keys)
+    resealed = _reseal(settings, new_keys)
     if args.drop_old:
+        _reseal(settings, new_keys)  # rows a replica wrote under the old key meanwhile
         new_keys = KeyRing(new_keys.keys[:1])
         Vault(settings.vault_path, new_keys).read()  # the vault opens with the new key alone before the rest go
+        _reseal(settings, new_keys)  # so does every database row (one the old key still seals fails here)
         write_key_file(key_file, new_keys)
+    if resealed is not None:
+        print(f"{resealed} database row(s) re-encrypted under the new key")
     from amo_gateway.audit import record_now
     from amo_gateway.audit_file import audit_rotation
 
@@ -186,12 +197,31 @@ def _restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reseal(settings: Settings, keys: KeyRing) -> int | None:
+    """With AMO_DATABASE_URL: re-encrypt the database rows in batches (the service may keep running)."""
+    url = settings.secret("database_url")
+    if not url:
+        return None
+    from amo_gateway.state_tools import reseal_database
+
+    return reseal_database(url, keys)
+
+
+def _migrate_state(args: argparse.Namespace) -> int:
+    from amo_gateway.state_tools import migrate_state
+
+    settings = _settings(args)
+    print(migrate_state(settings.vault_path, settings.secret("database_url"), _keys(settings), args.to))
+    return 0
+
+
 def _reencrypt(args: argparse.Namespace) -> int:
     """The service user's half of a key rotation: root already put a new key first in the key file."""
     settings = _settings(args)
     vault = _vault(settings)
     vault.read()  # proves the ring still decrypts the vault before it is rewritten
     vault.reencrypt(vault.keys)
+    _reseal(settings, vault.keys)
     from amo_gateway.audit import record_now
     from amo_gateway.audit_file import audit_rotation
 
@@ -230,8 +260,7 @@ def _forget(args: argparse.Namespace) -> int:
     from amo_gateway.audit import record_now
 
     settings = _settings(args)
-    vault = _vault(settings)
-    data, _ = vault.read()
+    data = _stored(settings)
     matches = [a for a in data.accounts.values() if args.account in (a.account_id, a.subdomain)]
     if not matches:
         raise ConfigError(f"no account {args.account[:64]!r} in the vault (see `amo-gateway status`)")
@@ -239,8 +268,15 @@ def _forget(args: argparse.Namespace) -> int:
     if not args.yes and not _confirm(f"forget account {account_id} ({matches[0].base_url}) and its tokens?"):
         print("nothing changed")
         return 1
-    vault.update(lambda d: d.accounts.pop(account_id, None))
-    record_now(settings.vault_path, vault.keys, "account.forgotten", account=account_id, by="cli")
+    url = settings.secret("database_url")
+    if url:
+        from amo_gateway.state_tools import forget_in_database
+
+        forget_in_database(url, _keys(settings), account_id)
+        settings.vault_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # the audit trail's home
+    else:
+        _vault(settings).update(lambda d: d.accounts.pop(account_id, None))
+    record_now(settings.vault_path, _keys(settings), "account.forgotten", account=account_id, by="cli")
     print(f"account {account_id} forgotten; reconnect it with `amo-gateway reconnect` when needed")
     return 0
 
@@ -281,9 +317,23 @@ Then `amo-gateway status` shows the account connected.""")
     return 0
 
 
+def _stored(settings: Settings) -> VaultData:
+    """Every account as stored: in the database when AMO_DATABASE_URL is set, else in the vault file."""
+    url = settings.secret("database_url")
+    if not url:
+        return _vault(settings).read()[0]
+    from amo_gateway.state_tools import export_database
+
+    return export_database(url, _keys(settings))
+
+
+def _keys(settings: Settings) -> KeyRing:
+    return load_keyring(settings.vault_key_file, os.environ.get("CREDENTIALS_DIRECTORY"), settings.secret("vault_key"))
+
+
 def _status(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    data, _ = _vault(settings).read()
+    data = _stored(settings)
     rows = [account_summary(a, time.time()) for a in data.accounts.values()]
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -61,6 +61,12 @@ class VaultUndecryptable(VaultError):
     code = "vault_undecryptable"
 
 
+class StateUnavailable(VaultError):
+    """The shared state's database cannot be reached (down, restarting, network cut)."""
+
+    code = "state_unavailable"
+
+
 class VaultFull(VaultError):
     code = "vault_disk_full"
 

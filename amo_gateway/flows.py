@@ -12,6 +12,7 @@ from urllib.parse import urlencode
 
 from amo_gateway.accounts import DEFAULT_ACCOUNT, account_subdomain, base_url_for_referer, select_account
 from amo_gateway.amo_client import AmoClient
+from amo_gateway.backends.base import StateStore
 from amo_gateway.clock import Clock
 from amo_gateway.errors import (
     BadRequest,
@@ -27,7 +28,6 @@ from amo_gateway.errors import (
 )
 from amo_gateway.logs import event
 from amo_gateway.settings import Settings
-from amo_gateway.store import Store
 from amo_gateway.tokens import (
     CONNECTED,
     Account,
@@ -58,7 +58,7 @@ class Connected:
 class Flows:
     """Issues states, talks to amoCRM for the flows, and records the results in the vault."""
 
-    def __init__(self, settings: Settings, store: Store, client: AmoClient, clock: Clock) -> None:
+    def __init__(self, settings: Settings, store: StateStore, client: AmoClient, clock: Clock) -> None:
         self.settings = settings
         self.store = store
         self.client = client
@@ -72,14 +72,14 @@ class Flows:
         now = self.clock.time()
         pending = PendingState("exchange", now, now + self.settings.state_ttl, label, login, base_url)
         until = now + self.settings.exchange_interval
-        await self.store.update(lambda data: _reserve(data, slot, now, until, _digest(state), pending))
+        await self.store.reserve_exchange(slot, now, until, _digest(state), pending)
         try:
             await self.client.exchange_api_key(base_url, login=login, api_key=api_key, state=state)
         except UpstreamRateLimited as err:  # amoCRM counted the call: the slot stays taken
             raise ExchangeTooSoon("amoCRM says the exchange was called too often for this login; retry later",
                                   retry_after=self.settings.exchange_interval) from err
         except UpstreamError:
-            await self.store.update(lambda data: _release(data, slot, _digest(state)))
+            await self.store.release_exchange(slot, _digest(state))
             raise
         event(log, "exchange.requested", login=login, label=label, state_fp=fingerprint(state))
 
@@ -89,7 +89,7 @@ class Flows:
         state = secrets.token_urlsafe(32)
         now = self.clock.time()
         pending = PendingState("console" if popup else "authorize", now, now + self.settings.state_ttl, label)
-        await self.store.update(lambda data: _add_state(data, _digest(state), pending, now))
+        await self.store.add_state(_digest(state), pending, now)
         query = urlencode({"client_id": self.settings.client_id, "state": state, "mode": "post_message"})
         return f"{self.settings.auth_url}?{query}"
 
@@ -105,8 +105,7 @@ class Flows:
         body = await self.client.token_from_code(base_url, code, time_limit=CALLBACK_TOKEN_TIMEOUT)
         pair = pair_from_response(body, now)
         account = self._account_for(pair, base_url, now)
-        await self.store.update(lambda data: data.accounts.__setitem__(account.account_id, account),
-                                spend_reserve=True)  # the code is spent: its pair must land
+        await self.store.put_account(account)  # the code is spent: its pair must land (the file may spend its reserve)
         exchange = from_exchange or (pending is not None and pending.purpose == "exchange")
         label = pending.label if pending else None
         event(log, "callback.connected", account=account.account_id, from_exchange=exchange, label=label,
@@ -117,7 +116,7 @@ class Flows:
         """True when `state` is a live state the console issued for its consent popup (nothing is consumed)."""
         if state is None:
             return False
-        found = (await self.store.snapshot(recheck=True)).states.get(_digest(state))
+        found = await self.store.peek_state(_digest(state))
         return found is not None and found.purpose == "console" and found.expires_at > self.clock.time()
 
     async def disconnect(self, account_id: str, client_uuid: str, signature: str, *,
@@ -136,7 +135,7 @@ class Flows:
         account = await self.store.account(account_id)
         if account is not None and account.tokens is not None and account.status == CONNECTED:
             await self._confirm_token_dead(account, account.tokens.access_token, pace)
-        removed = await self.store.update(lambda data: _forget(data, account_id))
+        removed = await self.store.forget(account_id)
         event(log, "disconnect.accepted", account=account_id, had_tokens=removed)
         return removed
 
@@ -177,16 +176,14 @@ class Flows:
             if from_widget and self.settings.widget_installs:
                 return None
             raise InvalidState("the callback has no state (widget installs are not enabled)", code="missing_state")
-        found = (await self.store.snapshot()).states.get(_digest(state))
-        if found is None:  # issued by another process a moment ago? only a changed file is read again,
-            found = (await self.store.snapshot(recheck=True)).states.get(_digest(state))  # so misses stay cheap
+        found = await self.store.peek_state(_digest(state))
         if found is None or found.expires_at <= self.clock.time():
             raise InvalidState("the state is unknown, expired or already used")
         return found
 
     async def _consume_state(self, state: str) -> None:
-        """Single use across processes: the one that pops it under the file lock wins."""
-        popped = await self.store.update(lambda data: _pop_state(data, _digest(state)))
+        """Single use across processes: the one that pops it (under the file lock, or in its transaction) wins."""
+        popped = await self.store.pop_state(_digest(state))
         if popped is None:
             raise InvalidState("the state is unknown, expired or already used")
 

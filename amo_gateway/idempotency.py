@@ -17,6 +17,7 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from amo_gateway.errors import BadRequest, IdempotencyConflict
 
@@ -93,7 +94,7 @@ class IdempotencyStore:
             self._entries[(consumer, key)] = Remembered(request_fp, self._clock() + self.window)
             return None
         self._entries.move_to_end((consumer, key))
-        return _replayable(found, request_fp)
+        return replayable(found, request_fp)
 
     def finish(self, consumer: str, key: str, status: int, headers: Headers, body: bytes | None) -> None:
         """Remember amoCRM's answer (body None when too large or undecodable), then keep under the cap."""
@@ -151,7 +152,7 @@ class IdempotencyStore:
             self._drop_body(self._entries.popitem(last=False)[1])
 
 
-def _replayable(found: Remembered, request_fp: str) -> Remembered:
+def replayable(found: Remembered, request_fp: str) -> Remembered:
     """The record if it can be replayed to this request; IdempotencyConflict (409) saying why not."""
     if found.request_fp != request_fp:
         raise IdempotencyConflict("this Idempotency-Key was used for a different request")
@@ -167,3 +168,46 @@ def _replayable(found: Remembered, request_fp: str) -> Remembered:
         raise IdempotencyConflict("amoCRM answered the first request with this key, but the answer was too "
                                   "large (or in a content coding the gateway does not decode) to keep for a replay")
     return found
+
+
+class Answers(Protocol):
+    """Where the proxy keeps remembered answers: this process's memory, or (PostgreSQL) every replica's table."""
+
+    @property
+    def size(self) -> int:
+        """Bytes of answers held in this process's memory (0 when they live in the database)."""
+
+    async def begin(self, consumer: str, key: str, request_fp: str) -> Remembered | None:
+        """As IdempotencyStore.begin."""
+
+    async def finish(self, consumer: str, key: str, status: int, headers: Headers, body: bytes | None) -> None:
+        """As IdempotencyStore.finish."""
+
+    async def unknown(self, consumer: str, key: str) -> None:
+        """As IdempotencyStore.unknown."""
+
+    async def forget(self, consumer: str, key: str) -> None:
+        """As IdempotencyStore.forget."""
+
+
+class LocalAnswers:
+    """The in-memory IdempotencyStore behind the async interface (file backend: one process per machine)."""
+
+    def __init__(self, store: IdempotencyStore) -> None:
+        self.store = store
+
+    @property
+    def size(self) -> int:
+        return self.store.size
+
+    async def begin(self, consumer: str, key: str, request_fp: str) -> Remembered | None:
+        return self.store.begin(consumer, key, request_fp)
+
+    async def finish(self, consumer: str, key: str, status: int, headers: Headers, body: bytes | None) -> None:
+        self.store.finish(consumer, key, status, headers, body)
+
+    async def unknown(self, consumer: str, key: str) -> None:
+        self.store.unknown(consumer, key)
+
+    async def forget(self, consumer: str, key: str) -> None:
+        self.store.forget(consumer, key)

@@ -13,7 +13,7 @@ import contextlib
 import fcntl
 import os
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from amo_gateway.vault import open_no_follow
@@ -53,9 +53,16 @@ class RefreshLocks:
         local.release()
         return False
 
-    def release(self, account_id: str) -> None:
+    async def release(self, account_id: str) -> None:
         self._os_unlock(account_id)
         self._local(account_id).release()
+
+    async def try_hold_many(self, account_ids: Sequence[str]) -> list[str]:
+        return [a for a in account_ids if await self.try_hold(a)]
+
+    async def release_many(self, account_ids: Sequence[str]) -> None:
+        for account_id in account_ids:
+            await self.release(account_id)
 
     def _local(self, account_id: str) -> asyncio.Lock:
         return self._locks.setdefault(account_id, asyncio.Lock())

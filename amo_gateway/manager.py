@@ -17,6 +17,7 @@ from typing import Any
 
 from amo_gateway.accounts import account_url, amo_subdomain, host_of
 from amo_gateway.amo_client import AmoClient
+from amo_gateway.backends.base import Claim, RefreshLockSet, StateStore
 from amo_gateway.clock import Clock
 from amo_gateway.errors import (
     NotConnected,
@@ -29,10 +30,8 @@ from amo_gateway.errors import (
     VaultFull,
 )
 from amo_gateway.headroom import no_room
-from amo_gateway.locks import RefreshLocks
 from amo_gateway.logs import event
 from amo_gateway.settings import DEFAULT_BASE_DOMAINS
-from amo_gateway.store import Store
 from amo_gateway.tokens import (
     CONNECTED,
     Account,
@@ -70,7 +69,7 @@ Observer = Callable[[Outcome], None]
 class TokenManager:
     """Hands out current tokens and refreshes them, one refresh per account at a time."""
 
-    def __init__(self, store: Store, client: AmoClient, locks: RefreshLocks, clock: Clock, *, margin: float,
+    def __init__(self, store: StateStore, client: AmoClient, locks: RefreshLockSet, clock: Clock, *, margin: float,
                  url_template: str = "https://{host}", base_domains: Sequence[str] = DEFAULT_BASE_DOMAINS) -> None:
         self.store = store
         self.client = client
@@ -133,21 +132,21 @@ class TokenManager:
 
     async def _refresh_waiting(self, account_id: str, seen: str | None) -> list[Outcome]:
         async with self.locks.hold(account_id):
-            return await self._claimed_run([account_id], seen)
+            return await self._claimed_run([account_id], seen, skip_locked=False)
 
     async def _refresh_batch(self, account_ids: list[str]) -> list[Outcome]:
-        held = [a for a in account_ids if await self.locks.try_hold(a)]
-        skipped = [Outcome(a, "skipped") for a in account_ids if a not in held]
+        held = await self.locks.try_hold_many(account_ids)
+        taken = set(held)
+        skipped = [Outcome(a, "skipped") for a in account_ids if a not in taken]
         try:
-            return skipped + (await self._claimed_run(held, None) if held else [])
+            return skipped + (await self._claimed_run(held, None, skip_locked=True) if held else [])
         finally:
-            for account_id in held:
-                self.locks.release(account_id)
+            await self.locks.release_many(held)
 
-    async def _claimed_run(self, account_ids: list[str], seen: str | None) -> list[Outcome]:
+    async def _claimed_run(self, account_ids: list[str], seen: str | None, *, skip_locked: bool) -> list[Outcome]:
         """Claim (one write), call amoCRM (bounded concurrency), store every result (one write)."""
         now = self.clock.time()
-        claims = await self._claim(account_ids, now, seen)
+        claims = await self._claim(account_ids, now, seen, skip_locked)
         gate = asyncio.Semaphore(BATCH_CONCURRENCY)
 
         async def one(claim: tuple[Account, InFlight | None]) -> Outcome:
@@ -155,9 +154,7 @@ class TokenManager:
                 return await self._attempt(*claim)
 
         attempts = list(await asyncio.gather(*(one(c) for c in claims)))
-        done = self.clock.time()
-        stored = (await self.store.update(lambda data: _apply(data, attempts, done), spend_reserve=True)
-                  if attempts else {})
+        stored = await self.store.store_outcomes(attempts, self.clock.time()) if attempts else {}
         outcomes = [replace(o, account=stored.get(o.account_id)) for o in attempts]
         unclaimed = {c[0].account_id for c in claims}
         outcomes += [Outcome(a, "skipped", await self.store.account(a)) for a in account_ids if a not in unclaimed]
@@ -165,10 +162,10 @@ class TokenManager:
             self._report(outcome)
         return outcomes
 
-    async def _claim(self, account_ids: list[str], now: float, seen: str | None) -> list[Claim]:
+    async def _claim(self, account_ids: list[str], now: float, seen: str | None, skip_locked: bool) -> list[Claim]:
         """Mark the refreshes in flight; a disk without room for their results refuses them before any send."""
         try:
-            return await self.store.update(lambda data: _claim(data, account_ids, now, self.margin, seen), claim=True)
+            return await self.store.claim(account_ids, now, self.margin, seen, skip_locked=skip_locked)
         except OSError as err:
             raise self._refused(account_ids, err) from err
 
@@ -176,7 +173,7 @@ class TokenManager:
         """Say that no refresh was sent and why (log, /metrics, audit trail); the error for the caller."""
         result = "refused_disk_full" if no_room(err) else "refused_vault_unwritable"
         event(log, f"refresh.{result}", level=logging.ERROR, accounts=",".join(account_ids), error=err.strerror,
-              vault=str(self.store.vault.path))
+              vault=self.store.where)
         for account_id in account_ids:
             self._report(Outcome(account_id, result))
         if no_room(err):
@@ -259,9 +256,6 @@ def _rejected(account: Account, previous: InFlight | None, err: UpstreamError) -
     else:
         reason = f"refresh_rejected: {hint}"
     return Outcome(account.account_id, "reauth", error=err, reason=reason)
-
-
-Claim = tuple[Account, InFlight | None]
 
 
 def _claim(data: VaultData, account_ids: list[str], now: float, margin: float, seen: str | None

@@ -31,13 +31,12 @@ from amo_gateway.audit import AuditLog
 from amo_gateway.auth import Authenticator
 from amo_gateway.breaker import Breakers
 from amo_gateway.errors import GatewayError, RequestRejected, UpstreamTimeout, UpstreamUnavailable
-from amo_gateway.idempotency import MAX_REMEMBERED_BODY, IdempotencyStore, decoded, request_fingerprint
+from amo_gateway.idempotency import MAX_REMEMBERED_BODY, decoded, request_fingerprint
 from amo_gateway.links import REWRITE_CAP, LinkRewriter, is_json
 from amo_gateway.logs import event
 from amo_gateway.manager import TokenManager
 from amo_gateway.metrics import Metrics
 from amo_gateway.proxy_paths import ACCOUNTS_ROOT, ROOT, proxied
-from amo_gateway.ratelimit import Limiters
 from amo_gateway.refresh_budget import RefreshBudget
 from amo_gateway.settings import Settings
 
@@ -117,11 +116,12 @@ class Proxy:
         self.auth = auth
         self.metrics = metrics
         self.audit = audit
-        self.limiters = Limiters(settings.rate_limit, settings.proxy_queue, window=1.0 + settings.rate_guard)
+        self.limiters = manager.store.limiters(settings.rate_limit, settings.proxy_queue,
+                                               window=1.0 + settings.rate_guard)
         self.breakers = Breakers(settings.breaker_cooldown, time.monotonic)
         self.budget = RefreshBudget(settings.proxy_refresh_interval)
-        self.idempotency = IdempotencyStore(settings.idempotency_window, settings.idempotency_max_bytes,
-                                            on_evict=metrics.idempotency_evictions.inc)
+        self.idempotency = manager.store.answers(settings.idempotency_window, settings.idempotency_max_bytes,
+                                                 on_evict=metrics.idempotency_evictions.inc)
         metrics.idempotency_bytes.set_function(lambda: self.idempotency.size)
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.upstream_timeout,
                                               sock_read=settings.proxy_timeout)
@@ -145,7 +145,8 @@ class Proxy:
         call = await self._call(request, caller)
         account_id = caller.account_id
         if call.key is not None:
-            replay = self.idempotency.begin(call.consumer, call.key, request_fingerprint(call.method, call.target))
+            fingerprint = request_fingerprint(call.method, call.target)
+            replay = await self.idempotency.begin(call.consumer, call.key, fingerprint)
             if replay is not None:
                 self._count(account_id, replay.status or 0, started)
                 links = await self._links(request, caller, _header(replay.headers, "content-type"))
@@ -273,18 +274,18 @@ class Proxy:
                                               skip_auto_headers=SKIP_AUTO, auto_decompress=False)
         except BaseException as exc:
             breaker.call_failed()
-            self._fail_key(call, exc)
+            await self._fail_key(call, exc)
             raise _upstream_error(exc) from None
         breaker.after_call(resp.status)
         return resp
 
-    def _fail_key(self, call: Call, exc: BaseException) -> None:
+    async def _fail_key(self, call: Call, exc: BaseException) -> None:
         if call.key is None:
             return
         if isinstance(exc, aiohttp.ClientConnectorError):
-            self.idempotency.forget(call.consumer, call.key)  # never connected: nothing reached amoCRM
+            await self.idempotency.forget(call.consumer, call.key)  # never connected: nothing reached amoCRM
         else:
-            self.idempotency.unknown(call.consumer, call.key)
+            await self.idempotency.unknown(call.consumer, call.key)
 
     def _backoff(self, resp: aiohttp.ClientResponse, attempt: int) -> float | None:
         """Seconds to wait before retrying a 429; None when amoCRM asks for longer than a caller should hold."""
@@ -301,9 +302,9 @@ class Proxy:
         headers = _down_headers(resp)
         plain = decoded(headers, head) if len(head) <= MAX_REMEMBERED_BODY else None
         if plain is None:
-            self.idempotency.finish(call.consumer, call.key, resp.status, headers, None)
+            await self.idempotency.finish(call.consumer, call.key, resp.status, headers, None)
         else:
-            self.idempotency.finish(call.consumer, call.key, resp.status, *plain)  # kept as amoCRM sent it
+            await self.idempotency.finish(call.consumer, call.key, resp.status, *plain)  # kept as amoCRM sent it
         return await _relay(request, resp, head, links)
 
     def _count(self, account_id: str, status: int, started: float) -> None:

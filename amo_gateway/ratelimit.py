@@ -41,14 +41,18 @@ class SlidingWindowLimiter:
         self.waiting += 1
         try:
             async with self._lock:
-                await self._wait_for_slot()
-                self._sent.append(self._clock())
+                await self._take()
         finally:
             self.waiting -= 1
 
     def retry_after(self) -> int:
         """Seconds until the queue ahead would have drained, at least 1."""
         return max(1, math.ceil((self.waiting + 1) / self.limit * self.window))
+
+    async def _take(self) -> None:
+        """Wait until a send fits the window and record it (a shared limiter records it in the database)."""
+        await self._wait_for_slot()
+        self._sent.append(self._clock())
 
     async def _wait_for_slot(self) -> None:
         while len(self._sent) == self.limit:
@@ -60,7 +64,8 @@ class SlidingWindowLimiter:
 
 
 class Limiters:
-    """One limiter per amoCRM account, created on first use."""
+    """One limiter per amoCRM account, created on first use (in this process: the file backend's limit is per
+    process, as one gateway process per machine is the file backend's deployment)."""
 
     def __init__(self, limit: int, queue: int, *, window: float = 1.0) -> None:
         self.limit = limit
@@ -72,9 +77,12 @@ class Limiters:
         """The account's limiter."""
         limiter = self._by_account.get(account_id)
         if limiter is None:
-            limiter = SlidingWindowLimiter(self.limit, self.queue, window=self.window)
+            limiter = self._make(account_id)
             self._by_account[account_id] = limiter
         return limiter
+
+    def _make(self, account_id: str) -> SlidingWindowLimiter:
+        return SlidingWindowLimiter(self.limit, self.queue, window=self.window)
 
     def depths(self) -> dict[str, int]:
         """Callers waiting, per account (for the metrics)."""

@@ -13,7 +13,7 @@ from amo_gateway.tokens import VaultData, account_due_at, backoff_delay
 
 log = logging.getLogger("amo_gateway.refresh")
 ERROR_PAUSE = 30.0
-WATCH = 1.0  # seconds between looks at the vault file while asleep: another process's write re-plans
+WATCH = 1.0  # seconds between looks at the shared state while asleep: another process's write re-plans
 LONG_LIVED_WARNING = 14 * 86400  # two weeks' notice to mint a new long-lived token
 
 
@@ -142,12 +142,8 @@ class Refresher:
             self._wake.clear()
 
     async def _vault_changes(self) -> None:
-        """Return once the vault file differs from what it was (a stat every `watch` s, in real time).
+        """Return once another process or replica changed the shared state (the store says how it watches).
 
-        Processes sharing a vault learn of each other's connects and refreshes only through the file;
-        without this, one that slept through another's connect would wait a whole `recheck` to plan.
+        Without this, one that slept through another's connect would wait a whole `recheck` to plan.
         """
-        vault = self.manager.store.vault
-        seen = vault.signature()
-        while vault.signature() == seen:  # noqa: ASYNC110 - the change happens in another process: no Event to wait on
-            await asyncio.sleep(self.watch)
+        await self.manager.store.wait_for_change(self.watch)

@@ -26,6 +26,7 @@ CREDENTIAL_FILES = {
     "client_secret": "client-secret",
     "admin_token": "admin-token",
     "consumer_tokens": "consumer-tokens",
+    "database_url": "database-url",
     "alert_webhook_secret": "alert-webhook-secret",
     "alert_telegram_bot_token": "alert-telegram-bot-token",
 }  # the vault key is read by vault.load_keyring, which owns its own precedence
@@ -39,6 +40,8 @@ SECRET_HOMES = {
                  "/etc/amo-gateway/vault-key (LoadCredential=vault-key)",
     "consumer_tokens": "put them in the systemd credential file /etc/amo-gateway/consumer-tokens "
                        "(LoadCredential=consumer-tokens) or the environment variable AMO_CONSUMER_TOKENS",
+    "database_url": "put it in the systemd credential file /etc/amo-gateway/database-url "
+                    "(LoadCredential=database-url) or the environment variable AMO_DATABASE_URL",
     "alert_webhook_secret": "put it in the systemd credential file /etc/amo-gateway/alert-webhook-secret "
                             "(LoadCredential=alert-webhook-secret) or the environment variable "
                             "AMO_ALERT_WEBHOOK_SECRET",
@@ -68,6 +71,7 @@ class Settings(BaseModel):
     vault_path: Path = Path("var/vault.enc")
     vault_key_file: Path | None = None
     vault_key: SecretStr | None = None
+    database_url: SecretStr | None = None  # postgresql://…: shared state in PostgreSQL instead of the vault file
     admin_token: SecretStr | None = None
     consumer_tokens: SecretStr | None = None
     refresh_margin: int = Field(default=3600, ge=0)
@@ -133,6 +137,14 @@ class Settings(BaseModel):
                 raise ValueError(f"{prefix!r} must start and end with / and name a path, e.g. /api/v4/")
             if any(s in ("", ".", "..") or not s.isascii() or "%" in s or "\\" in s for s in segments):
                 raise ValueError(f"{prefix!r} must be plain path segments (no empty, dot, encoded or non-ASCII ones)")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgresql_url(cls, value: SecretStr | None) -> SecretStr | None:
+        """Only PostgreSQL URLs: a typo must not silently fall back to the file vault."""
+        if value is not None and not value.get_secret_value().startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql://user@host:port/database URL")
         return value
 
     @property

@@ -11,6 +11,7 @@ from aiohttp import web
 from amo_gateway.alerting import AlertService
 from amo_gateway.audit import AuditLog
 from amo_gateway.auth import Authenticator
+from amo_gateway.backends.base import StateStore
 from amo_gateway.cache import TestCache
 from amo_gateway.clock import Clock
 from amo_gateway.connections import ConnectionGuard
@@ -21,11 +22,10 @@ from amo_gateway.metrics import Metrics
 from amo_gateway.proxy import Proxy
 from amo_gateway.refresher import Refresher
 from amo_gateway.settings import Settings
-from amo_gateway.store import Store
 
 SETTINGS = web.AppKey("settings", Settings)
 CLOCK = web.AppKey("clock", Clock)
-STORE = web.AppKey("store", Store)
+STORE: web.AppKey[StateStore] = web.AppKey("store")
 AUTH = web.AppKey("auth", Authenticator)
 HTTP_SESSION = web.AppKey("http_session", aiohttp.ClientSession)
 MANAGER = web.AppKey("manager", TokenManager)

@@ -120,13 +120,16 @@ async def token(request: web.Request) -> web.Response:
         request.app[AUDIT].record("token.issued", secrets={"access_token": pair.access_token}, consumer=caller,
                                   account=account_id)
     now = request.app[CLOCK].time()
+    why = request.app[STORE].degraded()
+    warning = {"Warning": f'199 amo-gateway "{why}: this is the token held in memory, valid until expires_at; '
+                          'no refresh until the database is back"'} if why else None
     return web.json_response({
         "access_token": pair.access_token,
         "token_type": "Bearer",
         "expires_at": int(pair.expires_at),
         "expires_in": max(int(pair.expires_at - now), 0),
         "account_id": account_id,
-    })
+    }, headers=warning)
 
 
 # What /test tells a caller without a bearer: is it alive, and until when. The account's id, subdomain and

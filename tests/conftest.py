@@ -29,6 +29,7 @@ from amo_gateway.serve import runner_options
 from amo_gateway.settings import PREFIX, Settings
 from amo_gateway.typedefs import ACCESS_LOG
 from amo_gateway.vault import KeyRing, Vault
+from tests.pg import PgVaultView, ThrowawayPostgres, throwaway_postgres
 
 LOGIN = "demo@example.com"
 API_KEY = "sandbox-api-key-for-tests"
@@ -84,7 +85,9 @@ class Rig:
         return f"{PREFIX}{path}"
 
     def vault(self) -> Vault:
-        return Vault(self.settings.vault_path, self.keys)
+        """The stored state as a Vault (the file, or with AMO_DATABASE_URL the database seen alike)."""
+        url = self.settings.secret("database_url")
+        return PgVaultView(url, self.keys) if url else Vault(self.settings.vault_path, self.keys)  # type: ignore[return-value]
 
     async def connect(self) -> dict[str, Any]:
         """The seed's story: exchange, amoCRM's own callback arrives, the pair is stored."""
@@ -106,16 +109,46 @@ class Rig:
 RigFactory = Callable[..., Awaitable[Rig]]
 
 
+@pytest.fixture(scope="session")
+def postgres_server() -> Any:
+    """One throwaway PostgreSQL for the whole session (tests/pg.py), or why there is none."""
+    with throwaway_postgres() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres(postgres_server: ThrowawayPostgres | str) -> ThrowawayPostgres:
+    """The running server; without one the test skips, except under CI=true where it fails loudly."""
+    if isinstance(postgres_server, str):
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI needs a real PostgreSQL: {postgres_server}")
+        pytest.skip(postgres_server)
+    return postgres_server
+
+
+@pytest.fixture
+def database_url(postgres: ThrowawayPostgres) -> str:
+    """A fresh, empty database of the session's server."""
+    return postgres.database()
+
+
 @pytest.fixture
 def keys() -> KeyRing:
     return KeyRing([Fernet.generate_key().decode()])
 
 
 @pytest.fixture
-async def make_rig(tmp_path: Path, keys: KeyRing, aiohttp_client: Any) -> RigFactory:
-    """Build a rig; keyword arguments override gateway settings, `sandbox_*` ones the sandbox config."""
+async def make_rig(tmp_path: Path, keys: KeyRing, aiohttp_client: Any, request: pytest.FixtureRequest) -> RigFactory:
+    """Build a rig; keyword arguments override gateway settings, `sandbox_*` ones the sandbox config.
+
+    AMO_TEST_BACKEND=postgres runs every rig on a fresh PostgreSQL database instead of the vault file (tests
+    that read the vault file themselves then fail for that reason, not for the gateway's behaviour).
+    """
 
     async def build(*, clock: Any = None, run_refresher: bool = True, resolver: Any = None, **overrides: Any) -> Rig:
+        if os.environ.get("AMO_TEST_BACKEND") == "postgres" and "database_url" not in overrides:
+            shared.append(shared[0] if shared else request.getfixturevalue("postgres").database())
+            overrides["database_url"] = shared[0]  # one database per test: a "restarted" rig finds its state
         sandbox_opts = {k[len("sandbox_"):]: overrides.pop(k) for k in list(overrides) if k.startswith("sandbox_")}
         port = free_port()
         redirect = f"http://127.0.0.1:{port}{PREFIX}/callback"
@@ -150,6 +183,7 @@ async def make_rig(tmp_path: Path, keys: KeyRing, aiohttp_client: Any) -> RigFac
         return rig
 
     cleanups: list[Callable[[], Awaitable[None]]] = []
+    shared: list[str] = []
     yield build  # type: ignore[misc]
     for close in cleanups:
         await close()

@@ -91,14 +91,14 @@ async def test_account_held_by_another_process_is_not_taken(tmp_path: Path, lock
     assert await seen_from_another_process(path, int(ACCOUNT)) == "busy"
     await held.__aexit__(None, None, None)
     assert await locks.try_hold(ACCOUNT) is True  # the failed try_hold gave its asyncio lock back
-    locks.release(ACCOUNT)
+    await locks.release(ACCOUNT)
 
 
 async def test_accounts_lock_independently(tmp_path: Path, locks: RefreshLocks) -> None:
     """Another process refreshing the neighbouring account does not block this one."""
     with other_process_holding(tmp_path / "vault.enc.refresh.lock", int(ACCOUNT) + 1):
         assert await locks.try_hold(ACCOUNT) is True
-        locks.release(ACCOUNT)
+        await locks.release(ACCOUNT)
 
 
 async def test_release_frees_exactly_its_own_account(tmp_path: Path, locks: RefreshLocks) -> None:
@@ -107,10 +107,10 @@ async def test_release_frees_exactly_its_own_account(tmp_path: Path, locks: Refr
     neighbour = str(int(ACCOUNT) + 1)
     assert await locks.try_hold(ACCOUNT) and await locks.try_hold(neighbour)
     assert await seen_from_another_process(path, int(ACCOUNT)) == "busy"
-    locks.release(ACCOUNT)
+    await locks.release(ACCOUNT)
     assert await seen_from_another_process(path, int(ACCOUNT)) == "free"
     assert await seen_from_another_process(path, int(neighbour)) == "busy"
-    locks.release(neighbour)
+    await locks.release(neighbour)
 
 
 def test_lock_file_is_private(tmp_path: Path) -> None:

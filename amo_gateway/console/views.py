@@ -156,7 +156,7 @@ async def forget(request: web.Request) -> web.Response:
     if form.get("confirmed") != "1":
         summary = account_summary(data.accounts[account_id], request.app[CLOCK].time())
         return html(request, pages.forget_page(texts(request), form.get("csrf", ""), summary))
-    await store.update(lambda d: d.accounts.pop(account_id, None))
+    await store.forget(account_id)
     request.app[AUDIT].record("account.forgotten", account=account_id, by="console")
     request.app[TEST_CACHE].clear()
     request.app[REFRESHER].wake()
@@ -188,7 +188,7 @@ def _key(request: web.Request) -> bytes | None:
     admin = request.app[SETTINGS].secret("admin_token")
     if not admin:
         return None
-    return session.session_key(request.app[STORE].vault.keys.keys[0], admin)
+    return session.session_key(request.app[STORE].keys.keys[0], admin)
 
 
 async def _guard(request: web.Request) -> MultiDictProxy[str]:
