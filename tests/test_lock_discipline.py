@@ -227,3 +227,31 @@ async def test_refresher_replans_when_another_process_changes_the_vault(make_rig
             break
         await asyncio.sleep(0.05)
     assert rig.sandbox.refresh_attempts == 1
+
+
+async def test_the_new_pair_is_stored_while_the_refresh_lock_is_still_held(
+        make_rig: RigFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Single flight ends only after the store: whoever takes the lock next sees the new pair, never the spent one.
+
+    Checked at the moment the outcome is stored, for both entries (a waiting refresh and the scheduler's batch):
+    taking the account's lock must fail then.
+    """
+    rig = await make_rig(run_refresher=False)
+    await rig.connect()
+    manager = rig.app[MANAGER]
+    real = manager.store.store_outcomes
+    held: list[bool] = []
+
+    async def storing(outcomes: Any, now: float) -> Any:
+        free = await manager.locks.try_hold(ACCOUNT)
+        if free:
+            await manager.locks.release(ACCOUNT)
+        held.append(not free)
+        return await real(outcomes, now)
+
+    monkeypatch.setattr(manager.store, "store_outcomes", storing)
+    await _expire_stored_pair(rig.vault())
+    assert (await manager.refresh(ACCOUNT)).result == "refreshed"
+    await _expire_stored_pair(rig.vault())
+    assert [o.result for o in await manager.refresh_due([ACCOUNT])] == ["refreshed"]
+    assert held == [True, True]
