@@ -82,7 +82,7 @@ class Refresher:
     async def _round(self) -> float:
         """One round: refresh what is due, watch long-lived tokens; return how long to sleep."""
         await self.tick()
-        data = await self.manager.store.snapshot()
+        data = await self.manager.store.snapshot(recheck=True)  # what the plan and the change watch start from
         self.watch_long_lived(data)
         _, next_at = plan(data, self.clock.time(), self.margin, self._retry_at)
         delay = self.recheck if next_at is None else min(next_at - self.clock.time(), self.recheck)

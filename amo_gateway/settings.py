@@ -246,7 +246,7 @@ def _fill_from_credentials(layers: dict[str, Any], environ: Mapping[str, str]) -
         return
     for field, filename in CREDENTIAL_FILES.items():
         text = None if field in layers else _read_credential(Path(directory) / filename)
-        if text is None:
+        if not text:  # absent, or empty: not used (the unit loads every credential file, so unused ones are empty)
             continue
         if field == "consumer_tokens":
             text = ",".join(line.strip() for line in text.splitlines() if line.strip())

@@ -143,7 +143,9 @@ class Store:
 
         Processes sharing a vault learn of each other's connects and refreshes only through the file.
         """
-        seen = self.vault.signature()
+        # The file as of the data last read, not as of now: a write that lands between the refresher's plan
+        # and this call must wake it too (found by a restore landing in that gap: the refresher slept on).
+        seen = self._signature if self._cache is not None else self.vault.signature()
         while self.vault.signature() == seen:  # noqa: ASYNC110 - the change happens in another process: no Event
             await asyncio.sleep(poll)
 

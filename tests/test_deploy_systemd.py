@@ -230,7 +230,8 @@ def test_ctl_rotate_key_stops_rotates_and_restarts(tmp_path: Path) -> None:
     old_key = Fernet.generate_key().decode()
     (etc / "vault-key").write_text(old_key + "\n", encoding="utf-8")
     shutil.copy(ENV_FILE, etc / "amo-gateway.env")
-    for name in ("client-secret", "admin-token", "consumer-tokens", "alert-webhook-secret", "alert-telegram-bot-token"):
+    for name in ("client-secret", "admin-token", "consumer-tokens", "alert-webhook-secret", "alert-telegram-bot-token",
+                 "database-url"):
         (etc / name).write_text("x\n" if name in ("client-secret", "admin-token") else "", encoding="utf-8")
     vault = Vault(state / "vault.enc", KeyRing([old_key]))
     vault.prepare()
@@ -271,7 +272,8 @@ def test_ctl_covers_the_operator_tasks_as_the_service_user(tmp_path: Path) -> No
     etc.mkdir()
     (etc / "vault-key").write_text(Fernet.generate_key().decode() + "\n", encoding="utf-8")
     shutil.copy(ENV_FILE, etc / "amo-gateway.env")
-    for name in ("client-secret", "admin-token", "consumer-tokens", "alert-webhook-secret", "alert-telegram-bot-token"):
+    for name in ("client-secret", "admin-token", "consumer-tokens", "alert-webhook-secret", "alert-telegram-bot-token",
+                 "database-url"):
         (etc / name).write_text("x\n" if name in ("client-secret", "admin-token") else "", encoding="utf-8")
     claims = {"account_id": 4242, "exp": int(time.time()) + 30 * 86400, "api_domain": "api-b.amocrm.ru"}
     token = ".".join(base64.urlsafe_b64encode(json.dumps(part).encode()).decode().rstrip("=")
@@ -319,7 +321,8 @@ def test_ctl_rotate_key_drop_old_keeps_only_the_new_key(tmp_path: Path) -> None:
     old_key = Fernet.generate_key().decode()
     (etc / "vault-key").write_text(old_key + "\n", encoding="utf-8")
     shutil.copy(ENV_FILE, etc / "amo-gateway.env")
-    for name in ("client-secret", "admin-token", "consumer-tokens", "alert-webhook-secret", "alert-telegram-bot-token"):
+    for name in ("client-secret", "admin-token", "consumer-tokens", "alert-webhook-secret", "alert-telegram-bot-token",
+                 "database-url"):
         (etc / name).write_text("x\n" if name in ("client-secret", "admin-token") else "", encoding="utf-8")
     vault = Vault(state / "vault.enc", KeyRing([old_key]))
     vault.prepare()

@@ -69,3 +69,11 @@ def test_environment_beats_credentials_file(tmp_path: Path) -> None:
     (tmp_path / "client-secret").write_text("from-file")
     settings = load_settings(None, environ={"CREDENTIALS_DIRECTORY": str(tmp_path), "AMO_CLIENT_SECRET": "env"})
     assert settings.secret("client_secret") == "env"
+
+
+def test_an_empty_credential_file_means_the_setting_is_not_used(tmp_path: Path) -> None:
+    """The unit loads every credential file; an empty database-url keeps the vault file, not a start-up error."""
+    (tmp_path / "database-url").write_text("")
+    (tmp_path / "client-secret").write_text("\n")
+    settings = load_settings(None, environ={"CREDENTIALS_DIRECTORY": str(tmp_path)})
+    assert settings.database_url is None and settings.client_secret is None

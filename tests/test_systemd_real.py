@@ -206,7 +206,8 @@ def write_etc(work: Path, made: Secrets) -> None:
     files = {"amo-gateway.env": env, "vault-key": Fernet.generate_key().decode() + "\n",
              "client-secret": made.client_secret + "\n", "admin-token": made.admin_token + "\n",
              "consumer-tokens": f"crm-sync:{CONSUMER_TOKEN}\n",
-             "alert-webhook-secret": "", "alert-telegram-bot-token": ""}  # empty: no alerts, as shipped
+             "alert-webhook-secret": "", "alert-telegram-bot-token": "",  # empty: no alerts, as shipped
+             "database-url": ""}  # empty: the vault file
     for name, text in files.items():
         (etc / name).write_text(text, encoding="utf-8")
         (etc / name).chmod(0o600)
