@@ -205,6 +205,27 @@ def _running_systemd_run(directory: Path, log: Path) -> None:
     script.chmod(0o755)
 
 
+def _ctl_box(tmp_path: Path, key: str) -> tuple[Path, Path, Path, dict[str, str]]:
+    """A stand-in box for amo-gateway-ctl: /etc/amo-gateway with every credential file the unit loads, the state
+    directory, a call log, and an environment whose systemd-run runs the command (and systemctl only logs)."""
+    program = Path(sys.executable).with_name("amo-gateway")
+    if not program.exists():
+        pytest.skip("the amo-gateway console script is not installed in this virtualenv (make install)")
+    etc, state, log = tmp_path / "etc", tmp_path / "state", tmp_path / "calls.log"
+    etc.mkdir()
+    (etc / "vault-key").write_text(key + "\n", encoding="utf-8")
+    shutil.copy(ENV_FILE, etc / "amo-gateway.env")
+    for name in ("client-secret", "admin-token", "consumer-tokens", "alert-webhook-secret", "alert-telegram-bot-token",
+                 "database-url"):
+        (etc / name).write_text("x\n" if name in ("client-secret", "admin-token") else "", encoding="utf-8")
+    _fake_bin(tmp_path / "bin", "systemctl", log)
+    _running_systemd_run(tmp_path / "bin", log)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AMO_")},
+           "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "AMO_GATEWAY_ETC": str(etc),
+           "AMO_GATEWAY_STATE": str(state), "AMO_GATEWAY_BIN": str(program)}
+    return etc, state, log, env
+
+
 def test_ctl_runs_cli_commands_with_the_units_user_state_and_credentials(tmp_path: Path) -> None:
     """`amo-gateway-ctl status` goes through systemd-run with the unit's user, state directory and credentials."""
     log = tmp_path / "calls.log"
@@ -222,25 +243,12 @@ def test_ctl_runs_cli_commands_with_the_units_user_state_and_credentials(tmp_pat
 
 def test_ctl_rotate_key_stops_rotates_and_restarts(tmp_path: Path) -> None:
     """rotate-key: stop, a new primary key in /etc's key file, the vault re-encrypted as the service user, start."""
-    program = Path(sys.executable).with_name("amo-gateway")
-    if not program.exists():
-        pytest.skip("the amo-gateway console script is not installed in this virtualenv (make install)")
-    etc, state, log = tmp_path / "etc", tmp_path / "state", tmp_path / "calls.log"
-    etc.mkdir()
     old_key = Fernet.generate_key().decode()
-    (etc / "vault-key").write_text(old_key + "\n", encoding="utf-8")
-    shutil.copy(ENV_FILE, etc / "amo-gateway.env")
-    for name in ("client-secret", "admin-token", "consumer-tokens", "alert-webhook-secret", "alert-telegram-bot-token",
-                 "database-url"):
-        (etc / name).write_text("x\n" if name in ("client-secret", "admin-token") else "", encoding="utf-8")
+    etc, state, log, env = _ctl_box(tmp_path, old_key)
+    program = Path(env["AMO_GATEWAY_BIN"])
     vault = Vault(state / "vault.enc", KeyRing([old_key]))
     vault.prepare()
     vault.save(VaultData())
-    _fake_bin(tmp_path / "bin", "systemctl", log)
-    _running_systemd_run(tmp_path / "bin", log)
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AMO_")},
-           "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "AMO_GATEWAY_ETC": str(etc),
-           "AMO_GATEWAY_STATE": str(state), "AMO_GATEWAY_BIN": str(program)}
     done = subprocess.run(["bash", str(CTL), "rotate-key"], env=env, timeout=60, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     calls = log.read_text(encoding="utf-8").splitlines()
@@ -265,27 +273,14 @@ def test_ctl_refuses_unknown_commands() -> None:
 
 def test_ctl_covers_the_operator_tasks_as_the_service_user(tmp_path: Path) -> None:
     """import-token (token on a pipe, never argv), status, forget and audit all run through systemd-run."""
-    program = Path(sys.executable).with_name("amo-gateway")
-    if not program.exists():
-        pytest.skip("the amo-gateway console script is not installed in this virtualenv (make install)")
-    etc, state, log = tmp_path / "etc", tmp_path / "state", tmp_path / "calls.log"
-    etc.mkdir()
-    (etc / "vault-key").write_text(Fernet.generate_key().decode() + "\n", encoding="utf-8")
-    shutil.copy(ENV_FILE, etc / "amo-gateway.env")
-    for name in ("client-secret", "admin-token", "consumer-tokens", "alert-webhook-secret", "alert-telegram-bot-token",
-                 "database-url"):
-        (etc / name).write_text("x\n" if name in ("client-secret", "admin-token") else "", encoding="utf-8")
+    _, state, log, env = _ctl_box(tmp_path, Fernet.generate_key().decode())
+    program = Path(env["AMO_GATEWAY_BIN"])
     claims = {"account_id": 4242, "exp": int(time.time()) + 30 * 86400, "api_domain": "api-b.amocrm.ru"}
     token = ".".join(base64.urlsafe_b64encode(json.dumps(part).encode()).decode().rstrip("=")
                      for part in ({"alg": "RS256"}, claims, {"sig": 1}))
     token_file = tmp_path / "long-lived.jwt"
     token_file.write_text(token + "\n", encoding="utf-8")
     token_file.chmod(0o600)
-    _running_systemd_run(tmp_path / "bin", log)
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AMO_")},
-           "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "AMO_GATEWAY_ETC": str(etc),
-           "AMO_GATEWAY_STATE": str(state), "AMO_GATEWAY_BIN": str(program)}
-
     def ctl(*args: str) -> subprocess.CompletedProcess[str]:
         done = subprocess.run(["bash", str(CTL), *args], env=env, timeout=60, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
@@ -313,25 +308,11 @@ def test_ctl_covers_the_operator_tasks_as_the_service_user(tmp_path: Path) -> No
 
 def test_ctl_rotate_key_drop_old_keeps_only_the_new_key(tmp_path: Path) -> None:
     """rotate-key --drop-old: after the service user re-encrypted the vault, /etc's key file holds one key."""
-    program = Path(sys.executable).with_name("amo-gateway")
-    if not program.exists():
-        pytest.skip("the amo-gateway console script is not installed in this virtualenv (make install)")
-    etc, state, log = tmp_path / "etc", tmp_path / "state", tmp_path / "calls.log"
-    etc.mkdir()
     old_key = Fernet.generate_key().decode()
-    (etc / "vault-key").write_text(old_key + "\n", encoding="utf-8")
-    shutil.copy(ENV_FILE, etc / "amo-gateway.env")
-    for name in ("client-secret", "admin-token", "consumer-tokens", "alert-webhook-secret", "alert-telegram-bot-token",
-                 "database-url"):
-        (etc / name).write_text("x\n" if name in ("client-secret", "admin-token") else "", encoding="utf-8")
+    etc, state, _, env = _ctl_box(tmp_path, old_key)
     vault = Vault(state / "vault.enc", KeyRing([old_key]))
     vault.prepare()
     vault.save(VaultData())
-    _fake_bin(tmp_path / "bin", "systemctl", log)
-    _running_systemd_run(tmp_path / "bin", log)
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AMO_")},
-           "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "AMO_GATEWAY_ETC": str(etc),
-           "AMO_GATEWAY_STATE": str(state), "AMO_GATEWAY_BIN": str(program)}
     done = subprocess.run(["bash", str(CTL), "rotate-key", "--drop-old"], env=env, timeout=60, capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stderr
