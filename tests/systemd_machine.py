@@ -44,7 +44,7 @@ INNER_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/b
 BOOT_SCRIPT = r"""#!/bin/sh
 # Runs inside the fresh namespaces: make everything systemd or the service may write private, then boot.
 set -eu
-work=$1 venv_root=$2
+work=$1 venv_root=$2 repo=$3
 mount -t tmpfs -o mode=0755 tmpfs "$work/scratch"
 for dir in etc opt var; do  # writes land in the scratch tmpfs, never in the machine's own /etc, /opt or /var
     mkdir "$work/scratch/$dir" "$work/scratch/$dir.work"
@@ -55,11 +55,14 @@ cp -a "$work/etc/." /etc/amo-gateway/
 chmod 0700 /etc/amo-gateway
 mount --bind "$venv_root" /opt/amo-gateway
 mount -t tmpfs -o mode=0755 tmpfs /run
-mkdir /run/amo-test
+mkdir /run/amo-test /run/amo-repo
 mount --bind "$work" /run/amo-test  # before /tmp is covered: the work directory may live there
+mount --bind "$repo" /run/amo-repo  # and so may the checkout (a CI clone): the sandbox helper runs from it
 mount --bind "$work/units" /etc/systemd/system
 mount -t tmpfs -o mode=1777 tmpfs /tmp
 mount -t tmpfs -o mode=1777 tmpfs /var/tmp
+mkdir -p "$repo"
+mount --bind /run/amo-repo "$repo"  # back at its own path (a no-op where /tmp never hid it)
 if [ -d /var/log/journal ]; then mount -t tmpfs -o mode=0755 tmpfs /var/log/journal; fi
 exec env container=unshare /lib/systemd/systemd --system --unit=basic.target
 """
@@ -223,7 +226,7 @@ class Machine:
         with (work / "boot.log").open("wb") as log:
             popen = subprocess.Popen(
                 [UNSHARE, "--pid", "--fork", "--kill-child", "--mount", "--propagation", "private", "--net",
-                 "--uts", "--ipc", "--mount-proc", "sh", str(work / "boot.sh"), str(work), str(install)],
+                 "--uts", "--ipc", "--mount-proc", "sh", str(work / "boot.sh"), str(work), str(install), str(ROOT)],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
         machine = cls(work, popen)
         try:
