@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from amo_gateway.atomic import write_atomically
 from amo_gateway.vault import Unchanged, open_no_follow
 
 T = TypeVar("T")
@@ -175,19 +176,4 @@ class Outbox:
 
     def _save(self, data: OutboxData) -> None:
         blob = json.dumps(data.to_dict(), ensure_ascii=False, separators=(",", ":")).encode()
-        tmp = self.path.with_name(f"{self.path.name}{_PART}{os.getpid()}-{os.urandom(4).hex()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(blob)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomically(self.path, blob, _PART)

@@ -21,6 +21,7 @@ from typing import Generic, TypeVar
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
+from amo_gateway.atomic import write_atomically
 from amo_gateway.errors import ConfigError, VaultError, VaultUndecryptable
 from amo_gateway.headroom import Reserve, no_room
 from amo_gateway.logs import event
@@ -32,6 +33,7 @@ Signature = tuple[int, int, int, int] | None
 
 
 MAGIC = b"amo-vault/1 "
+TEMP_TAG = ".tmp-"  # a write in progress is `vault.enc.tmp-<pid>-<random>`; prepare() sweeps dead ones
 
 
 def _split(blob: bytes) -> tuple[bytes | None, bytes]:
@@ -106,7 +108,7 @@ class Vault:
                 raise VaultError(f"vault directory {directory} is readable by others and not ours to fix")
             directory.chmod(0o700)
         with self.locked():
-            for leftover in directory.glob(self.path.name + ".tmp-*"):
+            for leftover in directory.glob(self.path.name + TEMP_TAG + "*"):
                 leftover.unlink(missing_ok=True)
 
     @contextlib.contextmanager
@@ -164,27 +166,9 @@ class Vault:
         """Atomic and durable: temp file in the same directory, fsync, os.replace, fsync the directory."""
         write_id = os.urandom(16).hex().encode()
         token = self.keys.encrypt(json.dumps(data.to_dict(), separators=(",", ":")).encode())
-        blob = MAGIC + write_id + b"\n" + token
-        tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(blob)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        self._fsync_directory()
+        write_atomically(self.path, MAGIC + write_id + b"\n" + token, TEMP_TAG)
         self._known = (write_id, data.copy())
 
-    def _fsync_directory(self) -> None:
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
     def update(self, change: Callable[[VaultData], T | Unchanged[T]], *, claim: bool = False,
                spend_reserve: bool = False) -> tuple[T, VaultData, Signature]:

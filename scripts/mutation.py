@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULES = ["vault", "store", "manager", "locks", "auth", "ratelimit"]
+MODULES = ["vault", "atomic", "store", "manager", "locks", "auth", "ratelimit"]
 KILLED = {"killed", "timeout", "segfault", "caught by type check"}
 
 
