@@ -53,6 +53,7 @@ from amo_gateway.typedefs import (
     TEST_CACHE,
     AlertHistory,
 )
+from amo_gateway.upstream import UpstreamPool
 from amo_gateway.vault import KeyRing, load_keyring
 from amo_gateway.webhook import targets
 
@@ -126,14 +127,16 @@ async def _audit_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def _proxy_ctx(resolver: AbstractResolver | None):  # type: ignore[no-untyped-def]
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        """The proxy's own session (no cookie jar shared between callers, bodies left compressed)."""
-        connector = aiohttp.TCPConnector(resolver=resolver, limit=0) if resolver else aiohttp.TCPConnector(limit=0)
-        async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar()) as session:
-            manager, audit = app[MANAGER], app[AUDIT]
-            manager.observers.append(app[METRICS].observe_refresh)
-            manager.observers.append(lambda outcome: _audit_refresh(audit, outcome))
-            app[PROXY] = Proxy(app[SETTINGS], session, manager, app[AUTH], app[METRICS], audit=audit)
+        """The proxy's own keep-alive connections to amoCRM (upstream.py: no cookies, bodies left compressed)."""
+        upstream = UpstreamPool(resolver=resolver)
+        manager, audit = app[MANAGER], app[AUDIT]
+        manager.observers.append(app[METRICS].observe_refresh)
+        manager.observers.append(lambda outcome: _audit_refresh(audit, outcome))
+        app[PROXY] = Proxy(app[SETTINGS], upstream, manager, app[AUTH], app[METRICS], audit=audit)
+        try:
             yield
+        finally:
+            await upstream.close()
 
     return ctx
 

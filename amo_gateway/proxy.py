@@ -39,6 +39,7 @@ from amo_gateway.metrics import Metrics
 from amo_gateway.proxy_paths import ACCOUNTS_ROOT, ROOT, proxied
 from amo_gateway.refresh_budget import RefreshBudget
 from amo_gateway.settings import Settings
+from amo_gateway.upstream import ConnectFailed, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger("amo_gateway.proxy")
 
@@ -55,7 +56,6 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
 DROP_UP = HOP_BY_HOP | {"authorization", "cookie", "host", "expect", "idempotency-key", ACCOUNT_HEADER.lower(),
                         "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip"}
 DROP_DOWN = HOP_BY_HOP | {"set-cookie", "set-cookie2"}
-SKIP_AUTO = ("Accept", "Accept-Encoding", "Content-Type", "User-Agent")  # send only what the caller sent
 
 
 @dataclass(frozen=True)
@@ -107,11 +107,11 @@ class Call:
 class Proxy:
     """Forwards callers' requests to amoCRM under one rate budget and breaker per account."""
 
-    def __init__(self, settings: Settings, session: aiohttp.ClientSession, manager: TokenManager,
+    def __init__(self, settings: Settings, upstream: UpstreamPool, manager: TokenManager,
                  auth: Authenticator, metrics: Metrics, *, audit: AuditLog | None = None,
                  rng: random.Random | None = None) -> None:
         self.settings = settings
-        self.session = session
+        self.upstream = upstream
         self.manager = manager
         self.auth = auth
         self.metrics = metrics
@@ -123,8 +123,6 @@ class Proxy:
         self.idempotency = manager.store.answers(settings.idempotency_window, settings.idempotency_max_bytes,
                                                  on_evict=metrics.idempotency_evictions.inc)
         metrics.idempotency_bytes.set_function(lambda: self.idempotency.size)
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.upstream_timeout,
-                                              sock_read=settings.proxy_timeout)
         self._rng = rng or random.Random()  # noqa: S311 - jitter only
         self.rewrite_cap = REWRITE_CAP  # JSON answers up to this size get their links rewritten (links.py)
         self._series: dict[tuple[str, int], tuple[Counter, Histogram]] = {}  # (account, status) -> its two series
@@ -205,7 +203,7 @@ class Proxy:
             headers.popall("Content-Length", None)  # aiohttp sets it from the bytes
         return Call(caller.consumer, caller.account_id, request.method, caller.target, headers, body, key)
 
-    async def _exchange(self, call: Call) -> aiohttp.ClientResponse:
+    async def _exchange(self, call: Call) -> UpstreamResponse:
         """Send, with one refresh-and-retry on 401 and bounded backoff on 429; the last answer is returned."""
         refreshed, spent, attempt = False, False, 0
         while True:
@@ -259,7 +257,7 @@ class Proxy:
         event(log, "proxy.upstream_401", level=logging.WARNING, account=account_id, action=action)
         self.metrics.upstream_401.labels(account_id, action).inc()
 
-    async def _send_once(self, call: Call, token: str) -> aiohttp.ClientResponse:
+    async def _send_once(self, call: Call, token: str) -> UpstreamResponse:
         breaker = self.breakers.get(call.account_id)
         breaker.fail_fast()
         await self.limiters.get(call.account_id).acquire()
@@ -269,9 +267,9 @@ class Proxy:
         headers = CIMultiDict(call.headers)
         headers["Authorization"] = f"Bearer {token}"
         try:
-            resp = await self.session.request(call.method, url, headers=headers, data=call.body.payload(),
-                                              allow_redirects=False, timeout=self._timeout,
-                                              skip_auto_headers=SKIP_AUTO, auto_decompress=False)
+            resp = await self.upstream.request(call.method, url, headers, call.body.payload(),
+                                               connect_timeout=self.settings.upstream_timeout,
+                                               read_timeout=self.settings.proxy_timeout)
         except BaseException as exc:
             breaker.call_failed()
             await self._fail_key(call, exc)
@@ -282,19 +280,19 @@ class Proxy:
     async def _fail_key(self, call: Call, exc: BaseException) -> None:
         if call.key is None:
             return
-        if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc, ConnectFailed):
             await self.idempotency.forget(call.consumer, call.key)  # never connected: nothing reached amoCRM
         else:
             await self.idempotency.unknown(call.consumer, call.key)
 
-    def _backoff(self, resp: aiohttp.ClientResponse, attempt: int) -> float | None:
+    def _backoff(self, resp: UpstreamResponse, attempt: int) -> float | None:
         """Seconds to wait before retrying a 429; None when amoCRM asks for longer than a caller should hold."""
         said = resp.headers.get("Retry-After", "")
         if said.isdigit():
             return float(said) if float(said) <= MAX_RETRY_AFTER else None
         return float(min(MAX_RETRY_AFTER, 0.25 * 2**attempt + self._rng.uniform(0, 0.25)))
 
-    async def _relay_remembered(self, request: web.Request, call: Call, resp: aiohttp.ClientResponse,
+    async def _relay_remembered(self, request: web.Request, call: Call, resp: UpstreamResponse,
                                 links: LinkRewriter | None) -> web.StreamResponse:
         """Read the answer (up to the replay limit), remember it under the key, then pass it on."""
         assert call.key is not None
@@ -368,12 +366,12 @@ def _header(headers: Headers, name: str) -> str | None:
     return next((v for k, v in headers if k.lower() == name), None)
 
 
-def _down_headers(resp: aiohttp.ClientResponse) -> Headers:
+def _down_headers(resp: UpstreamResponse) -> Headers:
     listed = {h.strip().lower() for h in resp.headers.get("Connection", "").split(",") if h.strip()}
     return tuple((k, v) for k, v in resp.headers.items() if k.lower() not in DROP_DOWN and k.lower() not in listed)
 
 
-async def _relay(request: web.Request, resp: aiohttp.ClientResponse, head: bytes,
+async def _relay(request: web.Request, resp: UpstreamResponse, head: bytes,
                  links: LinkRewriter | None) -> web.StreamResponse:
     """amoCRM's status, headers (minus hop-by-hop and cookies) and body, streamed chunk by chunk.
 
