@@ -32,7 +32,7 @@ from amo_gateway.auth import Authenticator
 from amo_gateway.breaker import Breakers
 from amo_gateway.errors import GatewayError, RequestRejected, UpstreamTimeout, UpstreamUnavailable
 from amo_gateway.idempotency import MAX_REMEMBERED_BODY, decoded, request_fingerprint
-from amo_gateway.links import REWRITE_CAP, LinkRewriter, is_json
+from amo_gateway.links import REWRITE_CAP, LinkRewriter, is_json, rewriter
 from amo_gateway.logs import event
 from amo_gateway.manager import TokenManager
 from amo_gateway.metrics import Metrics
@@ -172,7 +172,7 @@ class Proxy:
         else:
             base, extra = origin + ROOT.rstrip("/"), f"account={caller.account_id}"
         hosts = account_hosts(account, self.settings)
-        return LinkRewriter(hosts, tuple(self.settings.proxy_paths), base, extra, self.rewrite_cap)
+        return rewriter(hosts, tuple(self.settings.proxy_paths), base, extra, self.rewrite_cap)
 
     def _target(self, request: web.Request, consumer: str) -> tuple[str, str | None]:
         """The path and query to forward, and the account the path names; a refused path is counted, logged

@@ -7,6 +7,8 @@ import json
 from typing import Any
 
 import aiohttp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from yarl import URL
 
 from amo_gateway.links import LinkRewriter, is_json
@@ -163,3 +165,24 @@ def test_only_hrefs_on_the_account_host_under_the_api_move() -> None:
     assert links.rewrite(b'{"_links": {"self": {"href": "https://other.host/api/v4/leads"}}}') is None
     assert [is_json(t) for t in ("application/hal+json", "application/json; charset=utf-8", "text/html", None)] == \
         [True, True, False, False]
+
+
+_HOSTS = ("demo.amocrm.ru", "DEMO.amocrm.ru", "demo.amocrm.ru:8443", "demo.amocrm.ru.evil", "other.amocrm.ru")
+
+
+@settings(max_examples=300, deadline=None)
+@given(scheme=st.sampled_from(["https", "http", "ftp"]), host=st.sampled_from(_HOSTS),
+       path=st.sampled_from(["/api/v4/leads", "/api/v4/", "/leads/detail/1", "", "/api/v4/leads/é", "/api/v40"]),
+       query=st.sampled_from(["", "?page=2&limit=50", "?q=a%20b", "?x=\"y"]), fragment=st.sampled_from(["", "#top"]),
+       extra=st.sampled_from(["", "account=31920194"]),
+       base=st.sampled_from(["https://gw/a/accounts/demo/proxy", 'https://g"w\\x/proxy']))
+def test_the_fast_path_moves_every_href_exactly_as_the_general_one(scheme: str, host: str, path: str, query: str,
+                                                                   fragment: str, extra: str, base: str) -> None:
+    """Most hrefs take a shortcut that never decodes them; its bytes must be those of the decode-and-move path."""
+    links = LinkRewriter(frozenset({"demo.amocrm.ru", "demo.amocrm.ru:8443"}), ("/api/v4/",), base, extra)
+    href = f"{scheme}://{host}{path}{query}{fragment}"
+    body = json.dumps({"_links": {"self": {"href": href}}}, ensure_ascii=False).encode()
+    moved = links.moved(href)
+    expected = body.replace(json.dumps(href, ensure_ascii=False).encode(),
+                            json.dumps(moved, ensure_ascii=False).encode()) if moved is not None else None
+    assert links.rewrite(body) == expected
