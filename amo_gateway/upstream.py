@@ -134,10 +134,10 @@ class UpstreamPool:
                 head["Transfer-Encoding"] = "chunked"
                 writer.enable_chunking()
             await writer.write_headers(line, head)
-            protocol.start_timeout()
             async for chunk in data:
                 await writer.write(chunk)
             await writer.write_eof()
+            protocol.start_timeout()  # amoCRM's silence counts from the end of the body, as in aiohttp
         else:
             if data or method in ("POST", "PUT", "PATCH"):
                 head["Content-Length"] = str(len(data or b""))
@@ -145,8 +145,8 @@ class UpstreamPool:
                 await writer.write_headers(line, head)
             except ValueError:  # a CR or LF in a header: never sent
                 raise UpstreamProtocolError("a header value cannot be sent") from None
-            protocol.start_timeout()
             await writer.write_eof(data or b"")
+            protocol.start_timeout()
         try:
             message, payload = await protocol.read()
         except HttpProcessingError:
