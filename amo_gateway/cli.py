@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     url = sub.add_parser("authorize-url", parents=[common], help="print a consent-page URL with a fresh state")
     url.add_argument("--label", help="a note kept beside the state")
     url.set_defaults(func=_authorize_url)
-    audit = sub.add_parser("audit", parents=[common], help="show the audit trail beside the vault")
+    audit = sub.add_parser("audit", parents=[common], help="show the audit trail (beside the vault or in the database)")
     audit.add_argument("--tail", type=int, metavar="N", help="only the last N events")
     audit.add_argument("--json", action="store_true", help="the stored JSON lines, unchanged")
     audit.set_defaults(func=_audit)
@@ -158,9 +158,8 @@ def _rotate_key(args: argparse.Namespace) -> int:
     if resealed is not None:
         print(f"{resealed} database row(s) re-encrypted under the new key")
     from amo_gateway.audit import record_now
-    from amo_gateway.audit_file import audit_rotation
 
-    record_now(settings.vault_path, new_keys, "key.rotated", audit_rotation(settings), key_count=len(new_keys.keys),
+    record_now(settings, new_keys, "key.rotated", key_count=len(new_keys.keys),
                dropped_old=args.drop_old)
     print(f"vault re-encrypted under a new primary key; {key_file} now lists {len(new_keys.keys)} "
           f"key{'s' if len(new_keys.keys) > 1 else ''} (restart the service so it loads them; copy the key file "
@@ -176,7 +175,6 @@ def _restore(args: argparse.Namespace) -> int:
     truth within seconds, instead of at the next scheduled refresh hours later.
     """
     from amo_gateway.audit import record_now
-    from amo_gateway.audit_file import audit_rotation
     from amo_gateway.restore import mark_for_verification, replace_accounts
 
     settings = _settings(args)
@@ -188,7 +186,7 @@ def _restore(args: argparse.Namespace) -> int:
     restored = vault.decode(blob)
     marked = mark_for_verification(restored, time.time())
     vault.update(lambda data: replace_accounts(data, restored))
-    record_now(settings.vault_path, vault.keys, "vault.restored", audit_rotation(settings),
+    record_now(settings, vault.keys, "vault.restored",
                accounts=len(restored.accounts), verifying=marked)
     print(f"restored {len(restored.accounts)} account(s) from {args.backup}; {marked} refresh token(s) are "
           "verified with amoCRM at once (within seconds if the service runs, else at its start). One that amoCRM "
@@ -223,23 +221,21 @@ def _reencrypt(args: argparse.Namespace) -> int:
     vault.reencrypt(vault.keys)
     _reseal(settings, vault.keys)
     from amo_gateway.audit import record_now
-    from amo_gateway.audit_file import audit_rotation
 
-    record_now(settings.vault_path, vault.keys, "key.rotated", audit_rotation(settings),
+    record_now(settings, vault.keys, "key.rotated",
                key_count=len(vault.keys.keys))
     print(f"vault re-encrypted under the first of {len(vault.keys.keys)} keys")
     return 0
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from amo_gateway.audit import audit_path, show
+    from amo_gateway.audit import read_trail, show
 
-    vault_path = _settings(args).vault_path
-    lines = show(vault_path, args.tail, args.json)
+    where, lines = read_trail(_settings(args), args.tail)
     if not lines:
-        print(f"the audit log is empty ({audit_path(vault_path)}): nothing has been connected, refused or "
-              "changed yet", file=sys.stderr)
-    for line in lines:
+        print(f"the audit log is empty ({where}): nothing has been connected, refused or changed yet",
+              file=sys.stderr)
+    for line in show(lines, args.json):
         print(line)
     return 0
 
@@ -273,10 +269,9 @@ def _forget(args: argparse.Namespace) -> int:
         from amo_gateway.state_tools import forget_in_database
 
         forget_in_database(url, _keys(settings), account_id)
-        settings.vault_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # the audit trail's home
     else:
         _vault(settings).update(lambda d: d.accounts.pop(account_id, None))
-    record_now(settings.vault_path, _keys(settings), "account.forgotten", account=account_id, by="cli")
+    record_now(settings, _keys(settings), "account.forgotten", account=account_id, by="cli")
     print(f"account {account_id} forgotten; reconnect it with `amo-gateway reconnect` when needed")
     return 0
 

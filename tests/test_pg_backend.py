@@ -61,7 +61,8 @@ async def test_migrations_raced_by_two_replicas_apply_once(database_url: str, ke
     stores = await asyncio.gather(*(_opened(database_url, keys) for _ in range(4)))
     with psycopg.connect(database_url) as conn:
         rows = conn.execute("SELECT version, name FROM amo_schema_migrations").fetchall()
-    assert sorted(rows) == [(1, "0001_state.sql"), (2, "0002_rate_sends.sql"), (3, "0003_idempotency.sql")]
+    assert sorted(rows) == [(1, "0001_state.sql"), (2, "0002_rate_sends.sql"), (3, "0003_idempotency.sql"),
+                            (4, "0004_alerts_audit.sql")]
     for store in stores:
         await store.close()
 
