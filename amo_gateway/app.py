@@ -18,7 +18,7 @@ from amo_gateway.alerts import check_settings
 from amo_gateway.amo_client import AmoClient
 from amo_gateway.audit import AuditLog, audit_ctx_body, audit_key
 from amo_gateway.auth import Authenticator
-from amo_gateway.backends import open_audit, open_outbox, open_store
+from amo_gateway.backends import open_audit, open_outbox, open_refresh_budget, open_store
 from amo_gateway.cache import TestCache
 from amo_gateway.clock import Clock, SystemClock
 from amo_gateway.connections import ConnectionGuard, descriptor_cap
@@ -130,7 +130,8 @@ def _proxy_ctx(resolver: AbstractResolver | None):  # type: ignore[no-untyped-de
             manager, audit = app[MANAGER], app[AUDIT]
             manager.observers.append(app[METRICS].observe_refresh)
             manager.observers.append(lambda outcome: _audit_refresh(audit, outcome))
-            app[PROXY] = Proxy(app[SETTINGS], session, manager, app[AUTH], app[METRICS], audit=audit)
+            app[PROXY] = Proxy(app[SETTINGS], session, manager, app[AUTH], app[METRICS], audit=audit,
+                               budget=open_refresh_budget(app[SETTINGS], app[STORE]))
             yield
 
     return ctx

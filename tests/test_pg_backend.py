@@ -88,7 +88,7 @@ async def test_migrations_raced_by_two_replicas_apply_once(database_url: str, ke
     with psycopg.connect(database_url) as conn:
         rows = conn.execute("SELECT version, name FROM amo_schema_migrations").fetchall()
     assert sorted(rows) == [(1, "0001_state.sql"), (2, "0002_rate_sends.sql"), (3, "0003_idempotency.sql"),
-                            (4, "0004_alerts_audit.sql")]
+                            (4, "0004_alerts_audit.sql"), (5, "0005_refresh_budget.sql")]
     for store in stores:
         await store.close()
 

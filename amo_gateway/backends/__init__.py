@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 from amo_gateway.backends.base import AuditSink, OutboxStore, StateStore
+from amo_gateway.refresh_budget import RefreshBudget
 from amo_gateway.settings import Settings
 from amo_gateway.vault import KeyRing, Vault
 
@@ -55,6 +56,15 @@ def open_audit(settings: Settings, store: StateStore) -> AuditSink:
 
         return PgAudit(_pg(store).pool, audit_rotation(settings))
     return AuditFile(audit_path(settings.vault_path), audit_rotation(settings))
+
+
+def open_refresh_budget(settings: Settings, store: StateStore) -> RefreshBudget:
+    """The proxy's budget of 401-triggered refreshes: every replica's in the database, else this process's."""
+    if settings.secret("database_url"):
+        from amo_gateway.backends.pg_budget import SharedRefreshBudget
+
+        return SharedRefreshBudget(_pg(store).pool, settings.proxy_refresh_interval)
+    return RefreshBudget(settings.proxy_refresh_interval)
 
 
 @contextlib.asynccontextmanager
