@@ -8,8 +8,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.fernet import Fernet
 
@@ -26,6 +27,9 @@ from amo_gateway.errors import ConfigError, GatewayError
 from amo_gateway.settings import Settings, load_settings
 from amo_gateway.tokens import Account, TokenPair, VaultData, decode_claims
 from amo_gateway.vault import KeyRing, Vault, load_keyring, write_key_file
+
+if TYPE_CHECKING:
+    from amo_gateway.backends.base import StateStore
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,14 +182,20 @@ def _restore(args: argparse.Namespace) -> int:
     from amo_gateway.restore import mark_for_verification, replace_accounts
 
     settings = _settings(args)
-    vault = _vault(settings)
+    url = settings.secret("database_url")
+    vault = Vault(settings.vault_path, _keys(settings)) if url else _vault(settings)
     try:
         blob = sys.stdin.buffer.read() if args.backup == "-" else Path(args.backup).read_bytes()
     except OSError as err:
         raise ConfigError(f"cannot read backup {args.backup}: {err.strerror or type(err).__name__}") from None
     restored = vault.decode(blob)
     marked = mark_for_verification(restored, time.time())
-    vault.update(lambda data: replace_accounts(data, restored))
+    if url:  # the replicas hear of it (NOTIFY) as the service hears of a vault file's change
+        from amo_gateway.state_tools import restore_in_database
+
+        restore_in_database(url, vault.keys, restored)
+    else:
+        vault.update(lambda data: replace_accounts(data, restored))
     record_now(settings, vault.keys, "vault.restored",
                accounts=len(restored.accounts), verifying=marked)
     print(f"restored {len(restored.accounts)} account(s) from {args.backup}; {marked} refresh token(s) are "
@@ -241,14 +251,27 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _authorize_url(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    print(_consent_url(settings, args.label))
+    return 0
+
+
+def _consent_url(settings: Settings, label: str | None) -> str:
+    """A consent URL whose state is stored where the gateway looks: the database, or the vault file."""
     from amo_gateway.clock import SystemClock
     from amo_gateway.flows import Flows
     from amo_gateway.store import Store
 
-    settings = _settings(args)
+    url = settings.secret("database_url")
+    if url:
+        from amo_gateway.state_tools import on_database
+
+        def issue(store: StateStore) -> Awaitable[str]:
+            return Flows(settings, store, None, SystemClock()).authorize_url(label)  # type: ignore[arg-type]
+
+        return on_database(url, _keys(settings), issue)
     flows = Flows(settings, Store(_vault(settings)), None, SystemClock())  # type: ignore[arg-type]
-    print(asyncio.run(flows.authorize_url(args.label)))
-    return 0
+    return asyncio.run(flows.authorize_url(label))
 
 
 def _forget(args: argparse.Namespace) -> int:
@@ -284,14 +307,10 @@ def _confirm(question: str) -> bool:
 
 def _reconnect(args: argparse.Namespace) -> int:
     """A fresh consent URL, and what to do with it (or with the API key instead)."""
-    from amo_gateway.clock import SystemClock
-    from amo_gateway.flows import Flows
     from amo_gateway.settings import PREFIX
-    from amo_gateway.store import Store
 
     settings = _settings(args)
-    flows = Flows(settings, Store(_vault(settings)), None, SystemClock())  # type: ignore[arg-type]
-    url = asyncio.run(flows.authorize_url(args.label or "reconnect"))
+    url = _consent_url(settings, args.label or "reconnect")
     minutes = settings.state_ttl // 60
     print(f"""To re-authorize, either:
 
@@ -362,7 +381,13 @@ def _import_token(args: argparse.Namespace) -> int:
     pair = TokenPair(token, None, float(claims["exp"]), now)
     account = Account(account_id, base_url, pair, long_lived=True, api_domain=claims.get("api_domain"),
                       subdomain=account_subdomain(base_url, settings), connected_at=now)
-    _vault(settings).update(lambda data: data.accounts.__setitem__(account_id, account))
+    database = settings.secret("database_url")
+    if database:
+        from amo_gateway.state_tools import on_database
+
+        on_database(database, _keys(settings), lambda store: store.put_account(account))
+    else:
+        _vault(settings).update(lambda data: data.accounts.__setitem__(account_id, account))
     print(f"stored a long-lived token for account {account_id} at {base_url}, expiring "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(pair.expires_at))}")
     return 0

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 from amo_gateway.backends.pg_budget import SharedRefreshBudget
 from amo_gateway.backends.pg_schema import migrate, open_pool
+from amo_gateway.tokens import REAUTH_REQUIRED, VaultData
+from amo_gateway.typedefs import AUDIT, MANAGER, STORE
+from amo_gateway.vault import Vault
 from tests.conftest import ACCOUNT_ID, RigFactory
+from tests.pg import PgVaultView
+from tests.test_accounts import _jwt
 from tests.test_pg_gateway import _second_gateway
 from tests.test_proxy_hardening import CONSUMER, DENIED
 
@@ -56,3 +67,56 @@ async def test_two_replicas_behind_an_always_401_path_spend_one_budget(make_rig:
     spent = rig.sandbox.refresh_attempts - before
     assert spent == 1, spent
     assert rig.sandbox.refresh_tokens_reused == 0
+
+
+def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("AMO_") and k != "CREDENTIALS_DIRECTORY"}
+    return subprocess.run([sys.executable, "-m", "amo_gateway", *args], capture_output=True, text=True,
+                          env={**base, **env}, timeout=60, check=False)
+
+
+async def test_authorize_url_import_token_and_restore_change_the_database(make_rig: RigFactory, database_url: str,
+                                                                         tmp_path: Path) -> None:
+    """With AMO_DATABASE_URL the CLI's writers reach the database a running replica reads, never a vault file:
+    authorize-url's state, import-token's account (served at once), and restore (its spent token found out at
+    once by the running replica, the account the backup lacks gone), each one audited in the shared trail."""
+    rig = await make_rig(database_url=database_url)
+    await rig.connect()
+    key_file = tmp_path / "vault-key"
+    key_file.write_text("\n".join(rig.keys.keys) + "\n")
+    vault_path = tmp_path / "state" / "vault.enc"
+    env = {"AMO_VAULT_KEY_FILE": str(key_file), "AMO_VAULT_PATH": str(vault_path), "AMO_DATABASE_URL": database_url,
+           "AMO_CLIENT_ID": "client-1"}
+    view = PgVaultView(database_url, rig.keys)
+    states = len(view.load().states)
+    issued = await asyncio.to_thread(_cli, "authorize-url", env=env)
+    assert issued.returncode == 0, issued.stderr
+    assert "state=" in issued.stdout and len(view.load().states) == states + 1
+
+    token = _jwt({"account_id": 4242, "exp": int(time.time()) + 86400 * 3})
+    (tmp_path / "token").write_text(token)
+    imported = await asyncio.to_thread(_cli, "import-token", str(tmp_path / "token"), "--host", "acme.amocrm.ru",
+                                       env=env)
+    assert imported.returncode == 0, imported.stderr
+    resp = await rig.client.get(rig.url("/token?account=4242"), headers=rig.admin)
+    assert (await resp.json())["access_token"] == token
+
+    backup = tmp_path / "backup.enc"
+    backed_up = view.load().accounts[ACCOUNT]
+    Vault(backup, rig.keys).save(VaultData(accounts={ACCOUNT: backed_up}))
+    assert backed_up.tokens is not None
+    await rig.app[MANAGER].refresh(ACCOUNT, seen=backed_up.tokens.access_token)  # amoCRM spends the backup's token
+    attempts = rig.sandbox.refresh_attempts
+    assert attempts == 1
+    restored = await asyncio.to_thread(_cli, "restore", str(backup), env=env)
+    assert restored.returncode == 0, restored.stderr
+    for _ in range(160):
+        account = (await rig.app[STORE].reload()).accounts[ACCOUNT]
+        if account.status == REAUTH_REQUIRED:
+            break
+        await asyncio.sleep(0.05)
+    assert account.status == REAUTH_REQUIRED and (account.reason or "").startswith("token_revoked"), account.reason
+    assert rig.sandbox.refresh_attempts == attempts + 1
+    assert "4242" not in view.load().accounts and not vault_path.exists()
+    trail = [json.loads(line)["event"] for line in await rig.app[AUDIT].recent(100)]
+    assert "vault.restored" in trail
