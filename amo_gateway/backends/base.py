@@ -5,7 +5,8 @@ PostgreSQL (backends.postgres.PgStore, N replicas, row locks). Handlers, flows, 
 refresher see only this interface. Every operation is one atomic step: the file backend runs the pure
 change functions (`_claim`, `_apply` in manager.py; `_reserve`, `_release`, `_add_state`, `_pop_state`,
 `_forget` in flows.py) under its lock; PostgreSQL runs the same functions inside one short transaction
-over the rows it locked, so both backends decide alike.
+over the rows it locked, so both backends decide alike. Beside it, `OutboxStore` (the alert outbox) and
+`AuditSink` (the audit trail) have a file and a PostgreSQL version each; backends.open_outbox/open_audit pick.
 """
 
 from __future__ import annotations
