@@ -3,6 +3,8 @@
 `check()` derives the conditions (alerts.py) from the vault, this process's breakers and the events its
 observers heard, and reconciles them with the outbox's `active` record under the outbox lock: the alerts
 are queued in the same write that records them as sent, so a crash either loses nothing or repeats nothing.
+The outbox is an OutboxStore (backends/base.py): the file beside the vault, or PostgreSQL; this module does
+not know which.
 `deliver()` leases the due entries of each target, sends them in order, and records the result; a failure
 waits a backoff with full jitter (capped at AMO_ALERT_RETRY_MAX) and holds back that target's later alerts,
 so they arrive in the order they were raised. `run()` does both until stopped (a cleanup_ctx task in app.py).
@@ -30,16 +32,14 @@ from amo_gateway.alerts import (
     reconcile,
     vault_conditions,
 )
-from amo_gateway.backends.base import StateStore
+from amo_gateway.backends.base import Active, OutboxStore, StateStore
 from amo_gateway.breaker import CLOSED, OPEN
 from amo_gateway.clock import Clock
 from amo_gateway.logs import event
 from amo_gateway.manager import Outcome
 from amo_gateway.metrics import Metrics
-from amo_gateway.outbox import Outbox, OutboxData
 from amo_gateway.settings import Settings
 from amo_gateway.tokens import VaultData, backoff_delay
-from amo_gateway.vault import Unchanged
 from amo_gateway.webhook import DeliveryFailed, Target
 
 log = logging.getLogger("amo_gateway.alerts")
@@ -51,7 +51,7 @@ RETRY_BASE = 1.0
 class AlertService:
     """One per process; any number of processes may share a vault and its outbox."""
 
-    def __init__(self, settings: Settings, store: StateStore, outbox: Outbox, targets: list[Target], clock: Clock,
+    def __init__(self, settings: Settings, store: StateStore, outbox: OutboxStore, targets: list[Target], clock: Clock,
                  metrics: Metrics, session: aiohttp.ClientSession,
                  breaker_states: Callable[[], dict[str, str]] | None = None) -> None:
         self.settings, self.store, self.outbox, self.targets = settings, store, outbox, targets
@@ -104,8 +104,8 @@ class AlertService:
             return []
         events, self._events = self._events, []
         try:
-            queued = await asyncio.to_thread(self.outbox.update,
-                                             lambda box: self._reconcile(box, events, vault, local, data, now))
+            queued = await self.outbox.record(lambda active: self._reconcile(active, events, vault, local, data, now),
+                                              [t.name for t in self.targets], now, self.settings.alert_outbox_max)
         except BaseException:
             self._events[:0] = events  # not recorded: the next check tries them again
             raise
@@ -126,19 +126,12 @@ class AlertService:
                                                              "breaker_opened: amoCRM answered 403", now)
         return found
 
-    def _reconcile(self, box: OutboxData, events: list[Event], vault: dict[str, Condition],
-                   local: dict[str, Condition], data: VaultData, now: float
-                   ) -> list[dict[str, Any]] | Unchanged[list[dict[str, Any]]]:
-        """Inside the outbox lock: the alerts to queue, queued in the same write that marks them sent."""
-        before = (repr(box.active), len(box.pending))
-        box.forget_targets({t.name for t in self.targets})  # a target no longer configured waits for nothing
-        found = reconcile(box.active, events, vault, local, now, self.policy, healthy_in(data, now))
-        alerts = [payload(name, self._named(c, data), reminder, now, self.settings.alert_reconnect_url)
-                  for name, c, reminder in found]
-        names = [t.name for t in self.targets]
-        for alert in alerts:
-            box.enqueue(alert, names, now, self.settings.alert_outbox_max)
-        return alerts if alerts or (repr(box.active), len(box.pending)) != before else Unchanged(alerts)
+    def _reconcile(self, active: Active, events: list[Event], vault: dict[str, Condition],
+                   local: dict[str, Condition], data: VaultData, now: float) -> list[dict[str, Any]]:
+        """Inside the outbox lock: the alerts to queue (the outbox queues them in the same write)."""
+        found = reconcile(active, events, vault, local, now, self.policy, healthy_in(data, now))
+        return [payload(name, self._named(c, data), reminder, now, self.settings.alert_reconnect_url)
+                for name, c, reminder in found]
 
     @staticmethod
     def _named(condition: Condition, data: VaultData) -> Condition:
@@ -158,22 +151,14 @@ class AlertService:
         return delivered
 
     async def _deliver_to(self, target: Target) -> int:
-        if not self._has_due(await asyncio.to_thread(self.outbox.read), target.name):
-            return 0
         now = self.clock.time()
         lease_until = now + self.settings.alert_timeout + 5.0
-        batch = await asyncio.to_thread(self.outbox.update,
-                                        lambda box: box.claim(target.name, now, lease_until, self._owner, BATCH))
+        batch = await self.outbox.claim(target.name, now, lease_until, self._owner, BATCH)
         for index, entry in enumerate(batch):
             if not await self._send_one(target, entry):
                 await self._release(target.name, batch[index + 1:])
                 return index
         return len(batch)
-
-    def _has_due(self, box: OutboxData, target: str) -> bool:
-        head = next((e for e in box.pending if e["target"] == target), None)
-        now = self.clock.time()
-        return head is not None and head["next_at"] <= now and head["lease_until"] <= now
 
     async def _send_one(self, target: Target, entry: dict[str, Any]) -> bool:
         alert, name = entry["payload"], target.name
@@ -184,14 +169,14 @@ class AlertService:
             wait = RETRY_BASE + backoff_delay(entry["attempts"], base=RETRY_BASE, cap=self.settings.alert_retry_max,
                                               rng=self._rng)
             retry_at = self.clock.time() + wait
-            await asyncio.to_thread(self.outbox.update, lambda box: box.failed(entry["id"], name, retry_at, why))
+            await self.outbox.failed(entry["id"], name, retry_at, why)
             self.metrics.alert_deliveries.labels(name, "failed").inc()
             event(log, "alert.delivery_failed", level=logging.WARNING, target=name, alert_id=entry["id"],
                   alert_event=alert["event"], account=alert["account_id"], why=why,
                   attempt=entry["attempts"] + 1, retry_in=round(wait, 1))
             return False
         now = self.clock.time()
-        await asyncio.to_thread(self.outbox.update, lambda box: box.delivered(entry["id"], name, now))
+        await self.outbox.delivered(entry["id"], name, now)
         self.metrics.alert_deliveries.labels(name, "delivered").inc()
         event(log, "alert.delivered", target=name, alert_id=entry["id"], alert_event=alert["event"],
               account=alert["account_id"], attempts=entry["attempts"] + 1)
@@ -199,12 +184,7 @@ class AlertService:
 
     async def _release(self, target: str, rest: list[dict[str, Any]]) -> None:
         """Give back the leases behind a failed delivery, untried (they keep their place in line)."""
-        def change(box: OutboxData) -> None:
-            for entry in rest:
-                box.release(entry["id"], target, self._owner)
-
-        if rest:
-            await asyncio.to_thread(self.outbox.update, change)
+        await self.outbox.release(target, [entry["id"] for entry in rest], self._owner)
 
     # The loop.
     async def run(self) -> None:
@@ -232,9 +212,8 @@ class AlertService:
 
     async def history(self, account_id: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         """The alerts sent (for one account, or all), newest first, each with its targets' delivery state."""
-        return await asyncio.to_thread(self.outbox.history, account_id, limit)
+        return await self.outbox.history(account_id, limit)
 
     async def outbox_counts(self) -> tuple[int, int]:
         """(pending deliveries, deliveries dropped for the size bound), for the metrics."""
-        box = await asyncio.to_thread(self.outbox.read)
-        return len(box.pending), box.dropped
+        return await self.outbox.counts()

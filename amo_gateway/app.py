@@ -16,10 +16,9 @@ from aiohttp.abc import AbstractResolver
 from amo_gateway.alerting import AlertService
 from amo_gateway.alerts import check_settings
 from amo_gateway.amo_client import AmoClient
-from amo_gateway.audit import AuditLog, audit_ctx_body, audit_key, audit_path
-from amo_gateway.audit_file import audit_rotation
+from amo_gateway.audit import AuditLog, audit_ctx_body, audit_key
 from amo_gateway.auth import Authenticator
-from amo_gateway.backends import open_store
+from amo_gateway.backends import open_audit, open_outbox, open_refresh_budget, open_store
 from amo_gateway.cache import TestCache
 from amo_gateway.clock import Clock, SystemClock
 from amo_gateway.connections import ConnectionGuard, descriptor_cap
@@ -29,7 +28,6 @@ from amo_gateway.logs import AccessLog, event
 from amo_gateway.manager import Outcome, TokenManager
 from amo_gateway.metrics import Metrics
 from amo_gateway.middlewares import errors_middleware
-from amo_gateway.outbox import Outbox, outbox_path
 from amo_gateway.proxy import Proxy
 from amo_gateway.refresher import Refresher
 from amo_gateway.routes import setup_routes
@@ -86,8 +84,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None, keys: KeyRing 
     app.cleanup_ctx.append(_store_ctx(settings, keyring, None if keys else key_source))
     app.cleanup_ctx.append(_http_ctx(resolver))
     app[METRICS] = metrics
-    app[AUDIT] = AuditLog(audit_path(settings.vault_path), audit_key(keyring), rotation=audit_rotation(settings),
-                          merge_seconds=settings.audit_merge_seconds)
+    app[AUDIT] = AuditLog(audit_key(keyring), merge_seconds=settings.audit_merge_seconds)
     app.cleanup_ctx.append(_audit_ctx)
     app.cleanup_ctx.append(_services_ctx)
     app.cleanup_ctx.append(_proxy_ctx(resolver))
@@ -107,7 +104,7 @@ def _store_ctx(settings: Settings, keys: KeyRing, key_source: Callable[[], KeyRi
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         """Open the shared state: a vault that does not decrypt (or a database out of reach) stops start-up here."""
         store = open_store(settings, keys, key_source)
-        if settings.database_url is not None:  # the audit trail stays beside AMO_VAULT_PATH, one per replica
+        if settings.database_url is not None:  # AMO_VAULT_PATH's directory exists in both modes (dev mode uses it)
             await asyncio.to_thread(settings.vault_path.parent.mkdir, mode=0o700, parents=True, exist_ok=True)
         await store.open()
         app[STORE] = store
@@ -120,7 +117,8 @@ def _store_ctx(settings: Settings, keys: KeyRing, key_source: Callable[[], KeyRi
 
 
 async def _audit_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The audit trail's writer (after the vault context, which creates the directory)."""
+    """The audit trail's writer, on the trail beside the state (after the store context, which opens it)."""
+    app[AUDIT].sink = open_audit(app[SETTINGS], app[STORE])
     async for _ in audit_ctx_body(app[AUDIT]):
         yield
 
@@ -132,7 +130,8 @@ def _proxy_ctx(resolver: AbstractResolver | None):  # type: ignore[no-untyped-de
         manager, audit = app[MANAGER], app[AUDIT]
         manager.observers.append(app[METRICS].observe_refresh)
         manager.observers.append(lambda outcome: _audit_refresh(audit, outcome))
-        app[PROXY] = Proxy(app[SETTINGS], upstream, manager, app[AUTH], app[METRICS], audit=audit)
+        app[PROXY] = Proxy(app[SETTINGS], upstream, manager, app[AUTH], app[METRICS], audit=audit,
+                           budget=open_refresh_budget(app[SETTINGS], app[STORE]))
         try:
             yield
         finally:
@@ -173,8 +172,8 @@ def _alerts_ctx(run_loop: bool):  # type: ignore[no-untyped-def]
         and its alert) into alerts before anything else happens; the outbox keeps those not yet delivered.
         """
         settings = app[SETTINGS]
-        outbox = Outbox(outbox_path(settings.vault_path))
-        aside = await asyncio.to_thread(outbox.prepare)
+        outbox = open_outbox(settings, app[STORE])
+        aside = await outbox.prepare()
         if aside is not None:
             event(log, "alerts.outbox_unreadable", level=logging.ERROR, kept_as=aside)
         timeout = aiohttp.ClientTimeout(total=settings.alert_timeout)

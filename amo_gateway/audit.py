@@ -1,11 +1,14 @@
-"""The audit trail: security-relevant events, appended as JSON lines to `<vault dir>/audit.log` (0600).
+"""The audit trail: security-relevant events as JSON lines, appended to `<vault dir>/audit.log` (0600), or with
+AMO_DATABASE_URL to the `amo_audit` table every replica shares (an AuditSink, backends/base.py: this module
+does not know which).
 
 Secret values never enter it: they are named by HMAC-SHA256 under a key derived from the primary vault key
 (so digests are comparable until the next key rotation, which the trail itself records).
 
 Bounded, so that strangers cannot fill the disk with it: plain string fields are cut at FIELD_LIMIT
-characters, repeated refusals of one kind are merged into one line with a count per interval, and the file
-is rotated by size (audit_file.py).
+characters, repeated refusals of one kind are merged into one line with a count per interval (per process),
+and the trail keeps AMO_AUDIT_MAX_BYTES * (AMO_AUDIT_BACKUPS + 1) bytes at most (audit_file.py rotates the
+file; backends/pg_audit.py deletes the oldest rows beyond it).
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from amo_gateway.audit_file import Rotation, append_lines, read_lines
-from amo_gateway.errors import GatewayError
+from amo_gateway.backends.base import AuditSink
+from amo_gateway.errors import GatewayError, StateUnavailable
 from amo_gateway.logs import event
+from amo_gateway.settings import Settings
 from amo_gateway.tokens import keyed_digest
 from amo_gateway.vault import KeyRing
 
@@ -77,11 +81,9 @@ class _Run:
 class AuditLog:
     """Takes events from the event loop without blocking it; a writer task appends them in a thread."""
 
-    def __init__(self, path: Path, key: bytes, *, rotation: Rotation | None = None,
-                 merge_seconds: float = MERGE_SECONDS) -> None:
-        self.path = path
+    def __init__(self, key: bytes, sink: AuditSink | None = None, *, merge_seconds: float = MERGE_SECONDS) -> None:
+        self.sink = sink  # set by the app's audit context once the state is open, before the writer starts
         self._key = key
-        self._rotation = rotation or Rotation()
         self._merge_seconds = merge_seconds
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._seen: set[tuple[str, ...]] = set()
@@ -89,7 +91,7 @@ class AuditLog:
         self._writing = asyncio.Lock()  # flush() waits for a write the writer task has already started
 
     def __repr__(self) -> str:
-        return f"AuditLog({self.path})"
+        return f"AuditLog({self.sink.where if self.sink else 'not attached'})"
 
     def record(self, name: str, *, secrets: dict[str, str | None] | None = None, **fields: Any) -> None:
         """Queue one event; `secrets` values are stored only as keyed digests."""
@@ -172,6 +174,11 @@ class AuditLog:
             self._close_runs(time.monotonic())
             await self._write([*first, *self._drain()])
 
+    async def recent(self, limit: int) -> list[str]:
+        """The trail's last `limit` lines, oldest first, after writing what is queued (what was just done shows)."""
+        await self.flush()
+        return await self.sink.tail(limit) if self.sink is not None else []
+
     def _drain(self) -> list[str]:
         lines = []
         while not self._queue.empty():
@@ -179,15 +186,16 @@ class AuditLog:
         return lines
 
     async def _write(self, lines: list[str]) -> None:
-        """Append in a thread; a failed write (a full disk) is logged and the lines dropped, so memory stays
-        bounded and the writer lives on: the trail must never take the service down with it."""
+        """Append; a failed write (a full disk, the database away) is logged and the lines dropped, so memory
+        stays bounded and the writer lives on: the trail must never take the service down with it."""
         async with self._writing:
-            if not lines:
+            if not lines or self.sink is None:
                 return
             try:
-                await asyncio.to_thread(append_lines, self.path, lines, self._rotation)
-            except OSError as err:
-                event(log, "audit.write_failed", level=logging.ERROR, error=err.strerror, lines_lost=len(lines))
+                await self.sink.append(lines)
+            except (OSError, StateUnavailable) as err:
+                why = err.strerror if isinstance(err, OSError) else err.detail
+                event(log, "audit.write_failed", level=logging.ERROR, error=why, lines_lost=len(lines))
 
 
 async def audit_ctx_body(audit: AuditLog) -> AsyncIterator[None]:
@@ -205,14 +213,32 @@ def _timestamp() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
 
 
-def record_now(vault_path: Path, keys: KeyRing, name: str, rotation: Rotation | None = None, **fields: Any) -> None:
-    """Blocking append of one event, for the command-line tools (no event loop there)."""
-    append_lines(audit_path(vault_path), [audit_line(audit_key(keys), name, None, fields)], rotation)
+def record_now(settings: Settings, keys: KeyRing, name: str, **fields: Any) -> None:
+    """Blocking append of one event, for the command-line tools (no event loop there), wherever the trail is."""
+    line = audit_line(audit_key(keys), name, None, fields)
+
+    async def append() -> None:
+        from amo_gateway.backends import standalone_audit
+
+        async with standalone_audit(settings) as sink:
+            await sink.append([line])
+
+    asyncio.run(append())
 
 
-def show(vault_path: Path, tail: int | None, as_json: bool) -> list[str]:
+def read_trail(settings: Settings, tail: int | None) -> tuple[str, list[str]]:
+    """Blocking: (where the trail is, its last `tail` lines or all of them), for `amo-gateway audit`."""
+    async def read() -> tuple[str, list[str]]:
+        from amo_gateway.backends import standalone_audit
+
+        async with standalone_audit(settings) as sink:
+            return sink.where, await sink.tail(tail or None)
+
+    return asyncio.run(read())
+
+
+def show(lines: list[str], as_json: bool) -> list[str]:
     """`amo-gateway audit`: the trail's lines as stored, or as `time event key=value …` for people."""
-    lines = read_lines(audit_path(vault_path), tail)
     if as_json:
         return lines
     return [_human(line) for line in lines]

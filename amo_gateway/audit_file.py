@@ -3,13 +3,15 @@
 Disk use is bounded by `max_bytes * (backups + 1)` plus one batch. Several gateway processes may share the
 trail: each append holds an `flock` on the file it writes, and rotation happens under that lock, so a writer
 that opened the file just before another rotated it notices (the path names a new inode) and opens again.
+AuditFile is the trail's AuditSink (backends/base.py) for the vault file backend.
 """
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,33 @@ class Rotation:
 def audit_rotation(settings: Settings) -> Rotation:
     """The rotation the settings ask for (AMO_AUDIT_MAX_BYTES, AMO_AUDIT_BACKUPS)."""
     return Rotation(settings.audit_max_bytes, settings.audit_backups)
+
+
+class AuditFile:
+    """The trail as files beside the vault: appended and rotated in a thread."""
+
+    def __init__(self, path: Path, rotation: Rotation | None = None) -> None:
+        self.path = path
+        self.rotation = rotation or Rotation()
+
+    @property
+    def where(self) -> str:
+        return str(self.path)
+
+    async def append(self, lines: Sequence[str]) -> None:
+        await asyncio.to_thread(append_lines, self.path, lines, self.rotation)
+
+    async def tail(self, limit: int | None) -> list[str]:
+        """The last `limit` lines (all when None): from the current file's end when they are all there
+        (a console page reads 64 KiB, not the whole trail), else from every file."""
+        if limit is not None:
+            lines = await asyncio.to_thread(tail_lines, self.path, TAIL_BYTES)
+            if len(lines) > limit:
+                return lines[-limit:]
+        return await asyncio.to_thread(read_lines, self.path, limit)
+
+
+TAIL_BYTES = 64 * 1024  # a console page reads this much of the file's end, never the whole trail
 
 
 def open_append(path: Path) -> int:
@@ -102,3 +131,16 @@ def read_lines(path: Path, tail: int | None = None) -> list[str]:
 def _backup_number(file: Path) -> int:
     suffix = file.suffix[1:]
     return int(suffix) if suffix.isdigit() else 0
+
+
+def tail_lines(path: Path, size: int) -> list[str]:
+    """Blocking: the complete lines within the last `size` bytes of the file ([] when it does not exist)."""
+    try:
+        with path.open("rb") as file:
+            start = max(file.seek(0, os.SEEK_END) - size, 0)
+            file.seek(start)
+            data = file.read()
+    except FileNotFoundError:
+        return []
+    lines = data.decode("utf-8", "replace").splitlines()
+    return lines[1:] if start else lines  # the first line may be cut in the middle

@@ -8,8 +8,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.fernet import Fernet
 
@@ -26,6 +27,9 @@ from amo_gateway.errors import ConfigError, GatewayError
 from amo_gateway.settings import Settings, load_settings
 from amo_gateway.tokens import Account, TokenPair, VaultData, decode_claims
 from amo_gateway.vault import KeyRing, Vault, load_keyring, write_key_file
+
+if TYPE_CHECKING:
+    from amo_gateway.backends.base import StateStore
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     url = sub.add_parser("authorize-url", parents=[common], help="print a consent-page URL with a fresh state")
     url.add_argument("--label", help="a note kept beside the state")
     url.set_defaults(func=_authorize_url)
-    audit = sub.add_parser("audit", parents=[common], help="show the audit trail beside the vault")
+    audit = sub.add_parser("audit", parents=[common], help="show the audit trail (beside the vault or in the database)")
     audit.add_argument("--tail", type=int, metavar="N", help="only the last N events")
     audit.add_argument("--json", action="store_true", help="the stored JSON lines, unchanged")
     audit.set_defaults(func=_audit)
@@ -158,9 +162,8 @@ def _rotate_key(args: argparse.Namespace) -> int:
     if resealed is not None:
         print(f"{resealed} database row(s) re-encrypted under the new key")
     from amo_gateway.audit import record_now
-    from amo_gateway.audit_file import audit_rotation
 
-    record_now(settings.vault_path, new_keys, "key.rotated", audit_rotation(settings), key_count=len(new_keys.keys),
+    record_now(settings, new_keys, "key.rotated", key_count=len(new_keys.keys),
                dropped_old=args.drop_old)
     print(f"vault re-encrypted under a new primary key; {key_file} now lists {len(new_keys.keys)} "
           f"key{'s' if len(new_keys.keys) > 1 else ''} (restart the service so it loads them; copy the key file "
@@ -176,19 +179,24 @@ def _restore(args: argparse.Namespace) -> int:
     truth within seconds, instead of at the next scheduled refresh hours later.
     """
     from amo_gateway.audit import record_now
-    from amo_gateway.audit_file import audit_rotation
     from amo_gateway.restore import mark_for_verification, replace_accounts
 
     settings = _settings(args)
-    vault = _vault(settings)
+    url = settings.secret("database_url")
+    vault = Vault(settings.vault_path, _keys(settings)) if url else _vault(settings)
     try:
         blob = sys.stdin.buffer.read() if args.backup == "-" else Path(args.backup).read_bytes()
     except OSError as err:
         raise ConfigError(f"cannot read backup {args.backup}: {err.strerror or type(err).__name__}") from None
     restored = vault.decode(blob)
     marked = mark_for_verification(restored, time.time())
-    vault.update(lambda data: replace_accounts(data, restored))
-    record_now(settings.vault_path, vault.keys, "vault.restored", audit_rotation(settings),
+    if url:  # the replicas hear of it (NOTIFY) as the service hears of a vault file's change
+        from amo_gateway.state_tools import restore_in_database
+
+        restore_in_database(url, vault.keys, restored)
+    else:
+        vault.update(lambda data: replace_accounts(data, restored))
+    record_now(settings, vault.keys, "vault.restored",
                accounts=len(restored.accounts), verifying=marked)
     print(f"restored {len(restored.accounts)} account(s) from {args.backup}; {marked} refresh token(s) are "
           "verified with amoCRM at once (within seconds if the service runs, else at its start). One that amoCRM "
@@ -223,36 +231,47 @@ def _reencrypt(args: argparse.Namespace) -> int:
     vault.reencrypt(vault.keys)
     _reseal(settings, vault.keys)
     from amo_gateway.audit import record_now
-    from amo_gateway.audit_file import audit_rotation
 
-    record_now(settings.vault_path, vault.keys, "key.rotated", audit_rotation(settings),
+    record_now(settings, vault.keys, "key.rotated",
                key_count=len(vault.keys.keys))
     print(f"vault re-encrypted under the first of {len(vault.keys.keys)} keys")
     return 0
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from amo_gateway.audit import audit_path, show
+    from amo_gateway.audit import read_trail, show
 
-    vault_path = _settings(args).vault_path
-    lines = show(vault_path, args.tail, args.json)
+    where, lines = read_trail(_settings(args), args.tail)
     if not lines:
-        print(f"the audit log is empty ({audit_path(vault_path)}): nothing has been connected, refused or "
-              "changed yet", file=sys.stderr)
-    for line in lines:
+        print(f"the audit log is empty ({where}): nothing has been connected, refused or changed yet",
+              file=sys.stderr)
+    for line in show(lines, args.json):
         print(line)
     return 0
 
 
 def _authorize_url(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    print(_consent_url(settings, args.label))
+    return 0
+
+
+def _consent_url(settings: Settings, label: str | None) -> str:
+    """A consent URL whose state is stored where the gateway looks: the database, or the vault file."""
     from amo_gateway.clock import SystemClock
     from amo_gateway.flows import Flows
     from amo_gateway.store import Store
 
-    settings = _settings(args)
+    url = settings.secret("database_url")
+    if url:
+        from amo_gateway.state_tools import on_database
+
+        def issue(store: StateStore) -> Awaitable[str]:
+            return Flows(settings, store, None, SystemClock()).authorize_url(label)  # type: ignore[arg-type]
+
+        return on_database(url, _keys(settings), issue)
     flows = Flows(settings, Store(_vault(settings)), None, SystemClock())  # type: ignore[arg-type]
-    print(asyncio.run(flows.authorize_url(args.label)))
-    return 0
+    return asyncio.run(flows.authorize_url(label))
 
 
 def _forget(args: argparse.Namespace) -> int:
@@ -273,10 +292,9 @@ def _forget(args: argparse.Namespace) -> int:
         from amo_gateway.state_tools import forget_in_database
 
         forget_in_database(url, _keys(settings), account_id)
-        settings.vault_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # the audit trail's home
     else:
         _vault(settings).update(lambda d: d.accounts.pop(account_id, None))
-    record_now(settings.vault_path, _keys(settings), "account.forgotten", account=account_id, by="cli")
+    record_now(settings, _keys(settings), "account.forgotten", account=account_id, by="cli")
     print(f"account {account_id} forgotten; reconnect it with `amo-gateway reconnect` when needed")
     return 0
 
@@ -289,14 +307,10 @@ def _confirm(question: str) -> bool:
 
 def _reconnect(args: argparse.Namespace) -> int:
     """A fresh consent URL, and what to do with it (or with the API key instead)."""
-    from amo_gateway.clock import SystemClock
-    from amo_gateway.flows import Flows
     from amo_gateway.settings import PREFIX
-    from amo_gateway.store import Store
 
     settings = _settings(args)
-    flows = Flows(settings, Store(_vault(settings)), None, SystemClock())  # type: ignore[arg-type]
-    url = asyncio.run(flows.authorize_url(args.label or "reconnect"))
+    url = _consent_url(settings, args.label or "reconnect")
     minutes = settings.state_ttl // 60
     print(f"""To re-authorize, either:
 
@@ -367,7 +381,13 @@ def _import_token(args: argparse.Namespace) -> int:
     pair = TokenPair(token, None, float(claims["exp"]), now)
     account = Account(account_id, base_url, pair, long_lived=True, api_domain=claims.get("api_domain"),
                       subdomain=account_subdomain(base_url, settings), connected_at=now)
-    _vault(settings).update(lambda data: data.accounts.__setitem__(account_id, account))
+    database = settings.secret("database_url")
+    if database:
+        from amo_gateway.state_tools import on_database
+
+        on_database(database, _keys(settings), lambda store: store.put_account(account))
+    else:
+        _vault(settings).update(lambda data: data.accounts.__setitem__(account_id, account))
     print(f"stored a long-lived token for account {account_id} at {base_url}, expiring "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(pair.expires_at))}")
     return 0

@@ -10,21 +10,25 @@ fsync, `os.replace`, a directory fsync, all under an `flock` on `<vault>.alerts.
 - `active`: the alert conditions in force and when each was last sent: the durable record that makes
   processes sharing a vault send one alert per state change, not one each.
 
-Sync code on purpose, like vault.py: callers run it in a thread.
+The file's changes are sync code, like vault.py; the OutboxStore methods (backends/base.py) run them in a
+thread. With AMO_DATABASE_URL the same outbox lives in PostgreSQL instead (backends/pg_outbox.py), running
+the same OutboxData changes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from amo_gateway.atomic import write_atomically
+from amo_gateway.backends.base import Decide
 from amo_gateway.vault import Unchanged, open_no_follow
 
 T = TypeVar("T")
@@ -111,20 +115,44 @@ class OutboxData:
     def _mark(self, entry: dict[str, Any], state: str, when: float | None = None) -> None:
         for alert in reversed(self.history):
             if alert["id"] == entry["id"]:
-                alert["targets"][entry["target"]] = state
-                if when is not None:
-                    alert.setdefault("delivered_at", {})[entry["target"]] = when
+                mark(alert, entry["target"], state, when)
                 return
+
+    def record(self, decide: Decide, targets: Sequence[str], now: float, max_pending: int
+               ) -> list[dict[str, Any]] | Unchanged[list[dict[str, Any]]]:
+        """OutboxStore.record's change: forget unconfigured targets, decide, queue; Unchanged when nothing moved."""
+        before = (repr(self.active), len(self.pending))
+        self.forget_targets(set(targets))  # a target no longer configured waits for nothing
+        alerts = decide(self.active)
+        for alert in alerts:
+            self.enqueue(alert, list(targets), now, max_pending)
+        return alerts if alerts or (repr(self.active), len(self.pending)) != before else Unchanged(alerts)
+
+    def has_due(self, target: str, now: float) -> bool:
+        """Whether the target's first delivery may be claimed now (a claim would change something)."""
+        head = next((e for e in self.pending if e["target"] == target), None)
+        return head is not None and head["next_at"] <= now and head["lease_until"] <= now
+
+
+def mark(alert: dict[str, Any], target: str, state: str, when: float | None = None) -> None:
+    """A history entry's delivery state for one target (and when it was delivered)."""
+    alert["targets"][target] = state
+    if when is not None:
+        alert.setdefault("delivered_at", {})[target] = when
 
 
 class Outbox:
-    """The outbox file and its lock; every change is a locked read-modify-write."""
+    """The outbox file and its lock (an OutboxStore); every change is a locked read-modify-write in a thread."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.lock_path = path.with_name(path.name + ".lock")
 
-    def prepare(self) -> str | None:
+    async def prepare(self) -> str | None:
+        """See `prepare_file` (in a thread)."""
+        return await asyncio.to_thread(self.prepare_file)
+
+    def prepare_file(self) -> str | None:
         """Sweep temp files of writers that died mid-write; set a file that does not parse aside.
 
         Alerts must never stop the gateway: an outbox edited into nonsense is renamed `<outbox>.corrupt`
@@ -169,10 +197,42 @@ class Outbox:
             self._save(data)
             return result
 
-    def history(self, account_id: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
-        """The alerts raised (for one account, or all), newest first, with each target's delivery state."""
+    def _history(self, account_id: str | None, limit: int) -> list[dict[str, Any]]:
         alerts = [a for a in self.read().history if account_id is None or a.get("account_id") == account_id]
         return list(reversed(alerts))[:limit]
+
+    # OutboxStore: what the alert service asks, each step in a thread.
+    async def record(self, decide: Decide, targets: Sequence[str], now: float, max_pending: int
+                     ) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self.update, lambda box: box.record(decide, targets, now, max_pending))
+
+    async def claim(self, target: str, now: float, lease_until: float, owner: str, batch: int
+                    ) -> list[dict[str, Any]]:
+        if not (await asyncio.to_thread(self.read)).has_due(target, now):
+            return []  # read without the lock first: a claim of nothing would rewrite the file each tick
+        return await asyncio.to_thread(self.update, lambda box: box.claim(target, now, lease_until, owner, batch))
+
+    async def delivered(self, entry_id: str, target: str, now: float) -> None:
+        await asyncio.to_thread(self.update, lambda box: box.delivered(entry_id, target, now))
+
+    async def failed(self, entry_id: str, target: str, retry_at: float, why: str) -> None:
+        await asyncio.to_thread(self.update, lambda box: box.failed(entry_id, target, retry_at, why))
+
+    async def release(self, target: str, entry_ids: Sequence[str], owner: str) -> None:
+        def change(box: OutboxData) -> None:
+            for entry_id in entry_ids:
+                box.release(entry_id, target, owner)
+
+        if entry_ids:
+            await asyncio.to_thread(self.update, change)
+
+    async def history(self, account_id: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        """The alerts raised (for one account, or all), newest first, with each target's delivery state."""
+        return await asyncio.to_thread(self._history, account_id, limit)
+
+    async def counts(self) -> tuple[int, int]:
+        box = await asyncio.to_thread(self.read)
+        return len(box.pending), box.dropped
 
     def _save(self, data: OutboxData) -> None:
         blob = json.dumps(data.to_dict(), ensure_ascii=False, separators=(",", ":")).encode()

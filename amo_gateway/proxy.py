@@ -109,7 +109,7 @@ class Proxy:
 
     def __init__(self, settings: Settings, upstream: UpstreamPool, manager: TokenManager,
                  auth: Authenticator, metrics: Metrics, *, audit: AuditLog | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, budget: RefreshBudget | None = None) -> None:
         self.settings = settings
         self.upstream = upstream
         self.manager = manager
@@ -119,7 +119,7 @@ class Proxy:
         self.limiters = manager.store.limiters(settings.rate_limit, settings.proxy_queue,
                                                window=1.0 + settings.rate_guard)
         self.breakers = Breakers(settings.breaker_cooldown, time.monotonic)
-        self.budget = RefreshBudget(settings.proxy_refresh_interval)
+        self.budget = budget or RefreshBudget(settings.proxy_refresh_interval)  # shared by replicas on PostgreSQL
         self.idempotency = manager.store.answers(settings.idempotency_window, settings.idempotency_max_bytes,
                                                  on_evict=metrics.idempotency_evictions.inc)
         metrics.idempotency_bytes.set_function(lambda: self.idempotency.size)
@@ -210,7 +210,7 @@ class Proxy:
             token = (await self.manager.access(call.account_id)).access_token
             resp = await self._send_once(call, token)
             if spent and _authenticated(resp.status):
-                self.budget.reopen(call.account_id)  # amoCRM took the new token: that refresh was needed
+                await self.budget.reopen(call.account_id)  # amoCRM took the new token: that refresh was needed
                 spent = False
             if resp.status == 401 and not refreshed:
                 refreshed = True
@@ -242,13 +242,12 @@ class Proxy:
             if current is not None and current != seen:
                 self._noted_401(account_id, "shared")
                 return True, False
-            if not self.budget.is_open(account_id):
+            if not await self.budget.take(account_id):
                 self._noted_401(account_id, "budget_closed")
                 return False, False
-            self.budget.close(account_id)
             outcome = await self.manager.refresh(account_id, seen=seen)
             if outcome.result == "skipped":  # another process had replaced it: nothing was spent here
-                self.budget.reopen(account_id)
+                await self.budget.reopen(account_id)
             self._noted_401(account_id, outcome.result)
             return outcome.result in ("refreshed", "skipped", "reauth"), outcome.result == "refreshed"
 

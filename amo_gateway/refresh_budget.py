@@ -7,8 +7,11 @@ refresh closes the account's budget for `interval` seconds. The budget reopens a
 call gets past the 401 (the refresh was needed); it stays closed when the retry still gets 401 or could
 not be sent, and meanwhile callers get amoCRM's 401 as it came.
 
-Kept in memory, per process: a restart forgets it at the cost of at most one more refresh, and processes
-sharing a vault never refresh the same token twice anyway (the token manager's lock sees to that).
+Kept in memory, per process, with the vault file: a restart forgets it at the cost of at most one more
+refresh, and processes sharing a vault never refresh the same token twice anyway (the token manager's lock
+sees to that). With AMO_DATABASE_URL the closed-until time is shared by every replica (backends/pg_budget.py),
+so N replicas behind a balancer spend one refresh per interval, not N; the lock stays per process (it only
+makes a burst of this process's 401s wait for one decision).
 """
 
 from __future__ import annotations
@@ -31,14 +34,15 @@ class RefreshBudget:
         """Held while deciding about a 401, so that a burst of 401s on one token costs one refresh."""
         return self._locks.setdefault(account_id, asyncio.Lock())
 
-    def is_open(self, account_id: str) -> bool:
-        """Whether a 401 may trigger a refresh of this account now."""
-        return self._clock() >= self._closed_until.get(account_id, 0.0)
+    async def take(self, account_id: str) -> bool:
+        """If a 401 may trigger a refresh of this account now, close the budget for `interval` seconds (the
+        refresh is being spent) and say True; else False."""
+        now = self._clock()
+        if now < self._closed_until.get(account_id, 0.0):
+            return False
+        self._closed_until[account_id] = now + self.interval
+        return True
 
-    def close(self, account_id: str) -> None:
-        """A 401-triggered refresh is being spent: no other for `interval` seconds unless reopened."""
-        self._closed_until[account_id] = self._clock() + self.interval
-
-    def reopen(self, account_id: str) -> None:
+    async def reopen(self, account_id: str) -> None:
         """The refresh was needed (its retry got past the 401) or spent nothing: the budget is whole again."""
         self._closed_until.pop(account_id, None)

@@ -9,12 +9,18 @@ file's lock while they touch the file, so a gateway on that file cannot write in
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 from amo_gateway.errors import ConfigError
 from amo_gateway.tokens import VaultData
 from amo_gateway.vault import KeyRing, Vault
 
+if TYPE_CHECKING:
+    from amo_gateway.backends.postgres import PgStore
+
+T = TypeVar("T")
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
@@ -96,3 +102,30 @@ def forget_in_database(url: str, keys: KeyRing, account_id: str) -> bool:
             return await store.forget(account_id)
 
     return asyncio.run(run())
+
+
+def on_database(url: str, keys: KeyRing, work: Callable[[PgStore], Awaitable[T]]) -> T:
+    """Run one operator tool's work on the database's state (`authorize-url`, `import-token`): opened, closed after;
+    every replica hears of what it changed."""
+    async def run() -> T:
+        from amo_gateway.backends.postgres import opened
+
+        async with opened(url, keys) as store:
+            return await work(store)
+
+    return asyncio.run(run())
+
+
+def restore_in_database(url: str, keys: KeyRing, restored: VaultData) -> None:
+    """`restore`: the backup's accounts in place of the database's (states and slots stay, as in the file).
+
+    Two steps, not one transaction: the backup's accounts are upserted (their one notification wakes every
+    replica's refresher, which verifies them at once), then the accounts the backup lacks are forgotten.
+    """
+    async def work(store: PgStore) -> None:
+        current = await store.export_all()
+        await store.import_all(VaultData(accounts=dict(restored.accounts)))
+        for account_id in [a for a in current.accounts if a not in restored.accounts]:
+            await store.forget(account_id)
+
+    on_database(url, keys, work)

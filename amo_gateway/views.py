@@ -222,7 +222,7 @@ async def _probe(app: web.Application, account_id: str) -> dict[str, Any]:
         await _rate_slot(app, account_id)
         info = await manager.client.account(account.base_url, pair.access_token)
         if spent:
-            proxy.budget.reopen(account_id)
+            await proxy.budget.reopen(account_id)
     now = app[CLOCK].time()
     return {
         "status": "connected",

@@ -23,14 +23,13 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from amo_gateway.alerting import AlertService
+from amo_gateway.backends import open_outbox, open_store
 from amo_gateway.errors import ConfigError
 from amo_gateway.metrics import Metrics
-from amo_gateway.outbox import HISTORY_MAX, Outbox, OutboxData, outbox_path
+from amo_gateway.outbox import HISTORY_MAX, OutboxData, outbox_path
 from amo_gateway.settings import load_settings
-from amo_gateway.store import Store
 from amo_gateway.tokens import Account, TokenPair
 from amo_gateway.typedefs import ALERTS, REFRESHER, STORE
-from amo_gateway.vault import Vault
 from amo_gateway.webhook import SIGNATURE_HEADER, sign, verify
 from tests.conftest import ACCOUNT_ID, API_KEY, LOGIN, FakeClock, Rig, RigFactory
 
@@ -103,8 +102,16 @@ async def receiver() -> AsyncIterator[Receiver]:
     await server.close()
 
 
-async def alert_rig(make_rig: RigFactory, receiver: Receiver, **extra: Any) -> tuple[Rig, FakeClock]:
+@pytest.fixture(params=["file", "postgres"])
+def backend(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The rig's state, outbox and audit trail: beside the vault file, or in a fresh PostgreSQL database."""
+    return {} if request.param == "file" else {"database_url": request.getfixturevalue("database_url")}
+
+
+async def alert_rig(make_rig: RigFactory, receiver: Receiver, backend: dict[str, Any] | None = None,
+                    **extra: Any) -> tuple[Rig, FakeClock]:
     clock = FakeClock()
+    extra.update(backend or {})
     rig = await make_rig(clock=clock, run_refresher=False, refresh_margin=600, sandbox_access_ttl=LIFETIME,
                          alert_webhook_url=f"{receiver.url}/hook", alert_webhook_secret=receiver.secret, **extra)
     await rig.connect()
@@ -142,9 +149,9 @@ async def revoke_and_refresh(rig: Rig, clock: FakeClock) -> None:
 
 
 async def test_one_state_change_gives_one_signed_alert_then_reminders_then_recovered(
-        make_rig: RigFactory, receiver: Receiver) -> None:
+        make_rig: RigFactory, receiver: Receiver, backend: dict[str, Any]) -> None:
     """A revocation alerts once however often it is checked; 12 h later a reminder; a reconnect: recovered."""
-    rig, clock = await alert_rig(make_rig, receiver)
+    rig, clock = await alert_rig(make_rig, receiver, backend)
     assert await service(rig).check() == []  # connected: nothing to say
     await revoke_and_refresh(rig, clock)
     for _ in range(3):
@@ -174,9 +181,10 @@ async def test_one_state_change_gives_one_signed_alert_then_reminders_then_recov
 
 
 async def test_a_reauth_fixed_before_the_next_check_still_alerts_once(make_rig: RigFactory,
-                                                                      receiver: Receiver) -> None:
+                                                                      receiver: Receiver,
+                                                                      backend: dict[str, Any]) -> None:
     """The refresh outcome is an event: reconnected before any check, the alert and the recovery both go."""
-    rig, clock = await alert_rig(make_rig, receiver)
+    rig, clock = await alert_rig(make_rig, receiver, backend)
     await revoke_and_refresh(rig, clock)
     await reconnect(rig)  # fixed before the alert service looked at the vault
     await service(rig).check()
@@ -185,24 +193,29 @@ async def test_a_reauth_fixed_before_the_next_check_still_alerts_once(make_rig: 
     assert receiver.events() == ["reauth_required", "recovered"]
 
 
-async def test_processes_sharing_a_vault_raise_one_alert(make_rig: RigFactory, receiver: Receiver) -> None:
-    """A second process's alert service on the same vault and outbox sees the alert already raised."""
-    rig, clock = await alert_rig(make_rig, receiver)
+async def test_processes_sharing_a_vault_raise_one_alert(make_rig: RigFactory, receiver: Receiver,
+                                                         backend: dict[str, Any]) -> None:
+    """A second process's (replica's) alert service on the same state and outbox sees the alert already raised,
+    and when both deliver at once the receiver gets it once."""
+    rig, clock = await alert_rig(make_rig, receiver, backend)
     await revoke_and_refresh(rig, clock)
-    other = AlertService(rig.settings, Store(Vault(rig.settings.vault_path, rig.keys)),
-                         Outbox(outbox_path(rig.settings.vault_path)), service(rig).targets, clock, Metrics(),
-                         service(rig).session)
+    store = open_store(rig.settings, rig.keys, None)
+    await store.open()
+    other = AlertService(rig.settings, store, open_outbox(rig.settings, store), service(rig).targets, clock,
+                         Metrics(), service(rig).session)
     raised = [*await other.check(), *await service(rig).check(), *await other.check()]
     assert [a["event"] for a in raised] == ["reauth_required"]
-    await other.deliver()
-    await service(rig).deliver()
+    assert sorted(await asyncio.gather(other.deliver(), service(rig).deliver())) == [0, 1]
     assert receiver.events() == ["reauth_required"]
+    assert [h["targets"] for h in await other.history(ACCOUNT)] == [{"webhook": "delivered"}]
+    await store.close()
 
 
 async def test_delivery_retries_with_backoff_in_order_and_counts_in_metrics(make_rig: RigFactory,
-                                                                            receiver: Receiver) -> None:
+                                                                            receiver: Receiver,
+                                                                            backend: dict[str, Any]) -> None:
     """Refused deliveries wait a growing backoff and keep their order; /metrics shows failed, delivered, pending."""
-    rig, clock = await alert_rig(make_rig, receiver, alert_retry_max=100)
+    rig, clock = await alert_rig(make_rig, receiver, backend, alert_retry_max=100)
     receiver.refuse = 3
     await revoke_and_refresh(rig, clock)
     await service(rig).check()
@@ -227,9 +240,10 @@ async def test_delivery_retries_with_backoff_in_order_and_counts_in_metrics(make
 
 
 async def test_refresh_failing_past_the_threshold_alerts_once_then_recovered(make_rig: RigFactory,
-                                                                             receiver: Receiver) -> None:
+                                                                             receiver: Receiver,
+                                                                             backend: dict[str, Any]) -> None:
     """Transient failures alert only once they outlast AMO_ALERT_TRANSIENT_AFTER; a success is `recovered`."""
-    rig, clock = await alert_rig(make_rig, receiver, alert_transient_after=900)
+    rig, clock = await alert_rig(make_rig, receiver, backend, alert_transient_after=900)
     rig.sandbox.fail_next["token"] = [503] * 20
     clock.advance(LIFETIME - 590)
     assert [o.result for o in await rig.app[REFRESHER].tick()] == ["transient"]
@@ -254,12 +268,13 @@ async def test_refresh_failing_past_the_threshold_alerts_once_then_recovered(mak
 
 
 async def test_long_lived_token_alerts_at_14_3_and_1_days_then_expired(make_rig: RigFactory,
-                                                                      receiver: Receiver) -> None:
+                                                                      receiver: Receiver,
+                                                                      backend: dict[str, Any]) -> None:
     """Each expiry stage alerts once; past expiry the account needs re-authorization (long_lived_expired)."""
-    rig, clock = await alert_rig(make_rig, receiver)
+    rig, clock = await alert_rig(make_rig, receiver, backend)
     pair = TokenPair("long-lived-access", None, clock.now + 20 * DAY, clock.now)
     lived = Account(ACCOUNT, rig.sandbox_url, pair, long_lived=True, subdomain="demo", connected_at=clock.now)
-    await rig.app[STORE].update(lambda data: data.accounts.__setitem__(ACCOUNT, lived))
+    await rig.app[STORE].put_account(lived)
     stages = [(5 * DAY, []), (2 * DAY, ["long_lived_expiring"]), (3 * DAY, []), (8 * DAY, ["long_lived_expiring"]),
               (1.5 * DAY, ["long_lived_expiring"]), (0.4 * DAY, []), (0.2 * DAY, ["reauth_required"])]
     for step, expected in stages:
@@ -273,9 +288,10 @@ async def test_long_lived_token_alerts_at_14_3_and_1_days_then_expired(make_rig:
     assert "import-token" in receiver.accepted[3]["body"]["reconnect"]
 
 
-async def test_breaker_opened_and_closed_each_alert_once(make_rig: RigFactory, receiver: Receiver) -> None:
+async def test_breaker_opened_and_closed_each_alert_once(make_rig: RigFactory, receiver: Receiver,
+        backend: dict[str, Any]) -> None:
     """amoCRM's ban opens the proxy's breaker (one alert however many callers); its end closes it (one alert)."""
-    rig, _ = await alert_rig(make_rig, receiver, breaker_cooldown=0.2)
+    rig, _ = await alert_rig(make_rig, receiver, backend, breaker_cooldown=0.2)
     rig.sandbox.banned.add(ACCOUNT_ID)
     for _ in range(3):
         resp = await rig.client.get(rig.url("/proxy/api/v4/account"), headers=rig.admin)

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from aiohttp import ClientResponse
 
+from amo_gateway.audit import audit_path
 from amo_gateway.console import session
 from amo_gateway.console.i18n import choose_language
 from amo_gateway.console.pages import state_of
@@ -323,7 +324,7 @@ async def test_static_files_are_served(rig: Rig, path: str) -> None:
 async def test_audit_panel_reads_only_the_trails_tail(rig: Rig) -> None:
     """A long trail is not read whole: the panel shows its newest events (newest first), from the tail."""
     await sign_in(rig)
-    path = rig.app[AUDIT].path
+    path = audit_path(rig.settings.vault_path)
     await rig.app[AUDIT].flush()
     old = "".join(f'{{"ts":"2026-01-01T00:00:00.000Z","event":"old.event","n":{i}}}\n' for i in range(5000))
     with path.open("a", encoding="utf-8") as trail:

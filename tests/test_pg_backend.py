@@ -18,9 +18,9 @@ from cryptography.fernet import Fernet
 from amo_gateway.backends.postgres import PgStore
 from amo_gateway.errors import VaultUndecryptable
 from amo_gateway.tokens import Account, PendingState, TokenPair, VaultData
-from amo_gateway.typedefs import MANAGER, STORE
+from amo_gateway.typedefs import ALERTS, AUDIT, MANAGER, STORE
 from amo_gateway.vault import KeyRing, Vault, load_keyring
-from tests.conftest import ACCOUNT_ID, RigFactory
+from tests.conftest import ACCOUNT_ID, API_KEY, RigFactory
 from tests.pg import ThrowawayPostgres, _bindir
 from tests.test_pg_gateway import _second_gateway
 
@@ -57,11 +57,38 @@ async def test_a_database_dump_holds_no_usable_secret(postgres: ThrowawayPostgre
         assert secret not in dump and secret.encode().hex() not in dump
 
 
+async def test_a_dump_with_alerts_and_audit_rows_holds_no_secret(postgres: ThrowawayPostgres, database_url: str,
+                                                                  make_rig: RigFactory) -> None:
+    """The outbox and trail tables hold alerts and audit lines, and still no token, code, key or secret in the
+    clear: the trail names them by HMAC only, an alert never holds one (the webhook secret signs, off the row)."""
+    rig = await make_rig(database_url=database_url, run_refresher=False, alert_webhook_url="http://127.0.0.1:9/hook",
+                         alert_webhook_secret="webhook-SECRET-visible-if-leaked")
+    await rig.connect()
+    consumer = {"Authorization": "Bearer consumer-secret-1"}
+    token = (await (await rig.client.get(rig.url("/token"), headers=consumer)).json())["access_token"]
+    stored = (await rig.app[STORE].reload()).accounts[str(ACCOUNT_ID)].tokens
+    assert stored is not None and stored.refresh_token is not None
+    rig.sandbox.revoke(ACCOUNT_ID)
+    await rig.app[MANAGER].refresh(str(ACCOUNT_ID), seen=stored.access_token)  # reauth_required: an alert
+    raised = await rig.app[ALERTS].check()
+    await rig.app[AUDIT].flush()
+    dump = (await asyncio.to_thread(subprocess.run, [str(postgres.bindir / "pg_dump"), database_url],
+                                    capture_output=True, text=True, check=True)).stdout
+    assert "token.issued" in dump and "access_token_hmac" in dump  # the trail's rows are there
+    assert [a["event"] for a in raised] == ["reauth_required"] and raised[0]["id"] in dump  # and the alert's
+    secrets = [token, stored.access_token, stored.refresh_token, API_KEY, rig.settings.secret("client_secret") or "",
+               "consumer-secret-1", rig.admin["Authorization"].split()[1], "webhook-SECRET-visible-if-leaked",
+               *(str(c["code"]) for c in rig.sandbox.callbacks)]
+    for secret in secrets:
+        assert secret and secret not in dump and secret.encode().hex() not in dump
+
+
 async def test_migrations_raced_by_two_replicas_apply_once(database_url: str, keys: KeyRing) -> None:
     stores = await asyncio.gather(*(_opened(database_url, keys) for _ in range(4)))
     with psycopg.connect(database_url) as conn:
         rows = conn.execute("SELECT version, name FROM amo_schema_migrations").fetchall()
-    assert sorted(rows) == [(1, "0001_state.sql"), (2, "0002_rate_sends.sql"), (3, "0003_idempotency.sql")]
+    assert sorted(rows) == [(1, "0001_state.sql"), (2, "0002_rate_sends.sql"), (3, "0003_idempotency.sql"),
+                            (4, "0004_alerts_audit.sql"), (5, "0005_refresh_budget.sql")]
     for store in stores:
         await store.close()
 

@@ -25,7 +25,8 @@ from aiohttp.test_utils import TestServer
 from cryptography.fernet import Fernet
 
 from amo_gateway.accounts import base_url_for_referer
-from amo_gateway.audit import append_lines, audit_path
+from amo_gateway.audit import audit_path
+from amo_gateway.audit_file import append_lines
 from amo_gateway.errors import ConfigError, RefererRefused, VaultError
 from amo_gateway.flows import Flows
 from amo_gateway.locks import RefreshLocks

@@ -5,14 +5,15 @@ PostgreSQL (backends.postgres.PgStore, N replicas, row locks). Handlers, flows, 
 refresher see only this interface. Every operation is one atomic step: the file backend runs the pure
 change functions (`_claim`, `_apply` in manager.py; `_reserve`, `_release`, `_add_state`, `_pop_state`,
 `_forget` in flows.py) under its lock; PostgreSQL runs the same functions inside one short transaction
-over the rows it locked, so both backends decide alike.
+over the rows it locked, so both backends decide alike. Beside it, `OutboxStore` (the alert outbox) and
+`AuditSink` (the audit trail) have a file and a PostgreSQL version each; backends.open_outbox/open_audit pick.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from amo_gateway.idempotency import Answers
 from amo_gateway.ratelimit import Limiters
@@ -124,3 +125,59 @@ class StateStore(Protocol):
 
     def answers(self, window: float, max_bytes: int, *, on_evict: Callable[[], None] | None = None) -> Answers:
         """Where the proxy remembers Idempotency-Key answers: this process, or every replica's database."""
+
+
+Active = dict[str, dict[str, Any]]  # the alert conditions in force, by `account_id|kind` (alerts.Condition.record)
+Decide = Callable[[Active], list[dict[str, Any]]]  # updates the active record in place, returns the alerts to queue
+
+
+class OutboxStore(Protocol):
+    """The alert outbox: the active conditions, the queue of deliveries and the history of alerts raised.
+
+    Two implementations: the JSON file beside the vault (outbox.Outbox, an `flock`) and PostgreSQL
+    (backends.pg_outbox.PgOutbox, one row lock). Every change is one atomic step under the outbox's lock, so
+    processes and replicas sharing it raise one alert per state change and deliver each one once (a lease
+    per delivery; a holder killed mid-delivery leaves it to be sent again, with the same `id`, after it).
+    """
+
+    async def prepare(self) -> str | None:
+        """Make the outbox usable; returns the name an unreadable one was set aside as, else None."""
+
+    async def record(self, decide: Decide, targets: Sequence[str], now: float, max_pending: int
+                     ) -> list[dict[str, Any]]:
+        """Under the lock: drop deliveries to targets not in `targets`, run `decide` over the active record,
+        queue each alert it returns to every target (the oldest dropped beyond `max_pending`); the alerts."""
+
+    async def claim(self, target: str, now: float, lease_until: float, owner: str, batch: int
+                    ) -> list[dict[str, Any]]:
+        """The target's next due deliveries in order, leased to `owner`; none while its first one waits."""
+
+    async def delivered(self, entry_id: str, target: str, now: float) -> None:
+        """The target took it: out of the queue; the history says when."""
+
+    async def failed(self, entry_id: str, target: str, retry_at: float, why: str) -> None:
+        """Not taken: try again at `retry_at` (the lease ends)."""
+
+    async def release(self, target: str, entry_ids: Sequence[str], owner: str) -> None:
+        """Give leased deliveries back untried (an earlier one of their target failed first)."""
+
+    async def history(self, account_id: str | None, limit: int) -> list[dict[str, Any]]:
+        """The alerts raised (for one account, or all), newest first, with each target's delivery state."""
+
+    async def counts(self) -> tuple[int, int]:
+        """(deliveries waiting, deliveries dropped for the size bound)."""
+
+
+class AuditSink(Protocol):
+    """Where the audit trail's JSON lines go: files beside the vault (audit_file.AuditFile) or PostgreSQL
+    (backends.pg_audit.PgAudit). Append-only and ordered; bounded by AMO_AUDIT_MAX_BYTES * (AMO_AUDIT_BACKUPS+1)."""
+
+    @property
+    def where(self) -> str:
+        """Where the trail lives, for messages."""
+
+    async def append(self, lines: Sequence[str]) -> None:
+        """Append the lines durably, in order (raises OSError or StateUnavailable when it cannot)."""
+
+    async def tail(self, limit: int | None) -> list[str]:
+        """The last `limit` lines (all when None), oldest first."""

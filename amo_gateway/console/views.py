@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 from importlib import resources
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -292,14 +290,12 @@ async def _alerts(request: web.Request) -> list[dict[str, Any]] | None:
 
 
 async def _audit(request: web.Request) -> list[dict[str, Any]]:
-    """The trail's last records, newest first; only its tail is read (the file only grows).
+    """The trail's last records, newest first; only its tail is read (the trail only grows).
 
     Events still queued for the writer are written first, so the page shows what the operator just did.
     """
-    await request.app[AUDIT].flush()
-    lines = await asyncio.to_thread(_tail, request.app[AUDIT].path, _TAIL_BYTES)
     records = []
-    for line in lines:
+    for line in await request.app[AUDIT].recent(AUDIT_ROWS):
         try:
             record = json.loads(line)
         except ValueError:
@@ -307,19 +303,3 @@ async def _audit(request: web.Request) -> list[dict[str, Any]]:
         if isinstance(record, dict):
             records.append(record)
     return pages.rows_newest_first(records, AUDIT_ROWS)
-
-
-_TAIL_BYTES = 64 * 1024
-
-
-def _tail(path: Path, size: int) -> list[str]:
-    """Blocking: the complete lines within the last `size` bytes of the file ([] when it does not exist)."""
-    try:
-        with path.open("rb") as file:
-            start = max(file.seek(0, os.SEEK_END) - size, 0)
-            file.seek(start)
-            data = file.read()
-    except FileNotFoundError:
-        return []
-    lines = data.decode("utf-8", "replace").splitlines()
-    return lines[1:] if start else lines  # the first line may be cut in the middle
