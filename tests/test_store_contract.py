@@ -196,6 +196,17 @@ async def test_a_change_by_one_wakes_the_others_waiter(make_store: MakeStore) ->
     assert "9" in (await two.reload()).accounts
 
 
+async def test_a_change_made_before_the_wait_still_wakes_it(make_store: MakeStore) -> None:
+    """A change that lands while the waiter is busy (after it planned, before it waits) must not be slept through."""
+    one, two = await make_store(), await make_store()
+    await asyncio.sleep(0.2)  # the PostgreSQL listener connects
+    await two.snapshot(recheck=True)  # what two plans from
+    await one.put_account(_account("9"))
+    await asyncio.sleep(0.3)  # the NOTIFY (or the new file) arrives before two waits
+    await asyncio.wait_for(two.wait_for_change(0.05), 5)
+    assert "9" in (await two.reload()).accounts
+
+
 async def test_batch_claims_never_hand_one_account_to_two_claimers(make_store: MakeStore) -> None:
     """Many concurrent claimers over the same accounts: each account is claimed once, not twice."""
     stores = [await make_store() for _ in range(4)]

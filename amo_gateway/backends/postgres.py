@@ -363,12 +363,16 @@ class PgStore:
     # --- changes made elsewhere ---
 
     async def wait_for_change(self, poll: float) -> None:
-        """Return when another replica changed an account (NOTIFY); without a listener, after `poll` seconds."""
-        self._changed.clear()
+        """Return when another replica changed an account (NOTIFY); without a listener, after `poll` seconds.
+
+        The event is cleared after the wake-up, not on entry: a NOTIFY that arrived while the refresher was busy
+        with a round (between its plan and this call) must wake it at once, as a file write does in store.py.
+        """
         if not self._listening:
             await asyncio.sleep(poll)
-            return
-        await self._changed.wait()
+        else:
+            await self._changed.wait()
+        self._changed.clear()
 
     async def _listen(self) -> None:
         """LISTEN on a connection of its own, reconnecting forever; a gap means re-reading every account."""
