@@ -209,8 +209,8 @@ class Proxy:
         """Send, with one refresh-and-retry on 401 and bounded backoff on 429; the last answer is returned."""
         refreshed, spent, attempt = False, False, 0
         while True:
-            token = (await self.manager.access(call.account_id)).access_token
-            resp = await self._send_once(call, token)
+            await self.manager.access(call.account_id)  # not connected / reauth: said before queueing
+            resp, token = await self._send_once(call)
             if spent and _authenticated(resp.status):
                 self.budget.reopen(call.account_id)  # amoCRM took the new token: that refresh was needed
                 spent = False
@@ -259,10 +259,14 @@ class Proxy:
         event(log, "proxy.upstream_401", level=logging.WARNING, account=account_id, action=action)
         self.metrics.upstream_401.labels(account_id, action).inc()
 
-    async def _send_once(self, call: Call, token: str) -> aiohttp.ClientResponse:
+    async def _send_once(self, call: Call) -> tuple[aiohttp.ClientResponse, str]:
+        """One send once the limiter admits it; the answer and the access token it carried."""
         breaker = self.breakers.get(call.account_id)
         breaker.fail_fast()
         await self.limiters.get(call.account_id).acquire()
+        # The token is taken after the wait in the queue (up to AMO_PROXY_QUEUE / AMO_RATE_LIMIT seconds), not
+        # before it: one taken before may have expired meanwhile, and amoCRM would answer 401 to it.
+        token = (await self.manager.access(call.account_id)).access_token
         breaker.before_call()
         account = await self.manager.connected(call.account_id)
         url = URL(account.base_url.rstrip("/") + call.target, encoded=True)
@@ -277,7 +281,7 @@ class Proxy:
             await self._fail_key(call, exc)
             raise _upstream_error(exc) from None
         breaker.after_call(resp.status)
-        return resp
+        return resp, token
 
     async def _fail_key(self, call: Call, exc: BaseException) -> None:
         if call.key is None:
