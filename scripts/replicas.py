@@ -4,24 +4,29 @@
 private temp directory, a free port on 127.0.0.1, removed at the end) and the standalone sandbox issuing
 3-second access tokens. Pollers GET /token on every replica every 50-100 ms. Every few seconds (seeded,
 the seed printed) a random ready replica gets SIGKILL and is started again; once, half-way, the database is
-stopped (`pg_ctl -m fast`) and started again on the same port and data directory. The run fails when:
+stopped (`pg_ctl -m fast`), kept down `--db-down` seconds (0: a plain restart) and started again on the same
+port and data directory. Kills pause for the database restart (a replica cannot start without its database),
+which begins once all three replicas are ready. The run fails when:
 
 - the sandbox saw any refresh token presented twice (its own record, /_sandbox/arrivals);
 - /token on a ready replica answered anything but 200 outside the database-restart window;
 - a 200 carried an access token already expired when asked for (its `exp`, the sandbox's own claim);
 - at the end a replica is not ready, or the account is not connected on the sandbox's live refresh token.
 
-The database-restart window runs from the moment `pg_ctl stop` is called until the database accepts a
-connection again, plus GRACE seconds (replicas notice the database is back on their next read or lease).
-Inside it /token may rightly answer 200 from memory with a `Warning: 199` header, or 503 once that cached
-token has expired; both are counted, neither fails. A replica is judged from its first `/readyz` 200 after
-a (re)start until it is killed; answers to a request that a kill cut short are counted as `killed`.
+The database-restart window runs from the moment `pg_ctl stop` is called until a new connection to the
+database succeeds, plus GRACE = 2 s: a call that began just before may still sit in one of the gateway's
+bounded 2 s waits for a pooled connection. A call overlapping the window counts in it. Inside it /token may
+rightly answer 200 from the token held in memory (with a `Warning: 199` header once the replica has noticed
+the database is away), or 503 `state_unavailable` once that token has expired; all are counted, none fails.
+A replica is judged from its first `/readyz` 200 after a (re)start until it is killed; calls made before
+that count as `starting`, calls a kill cut short as `killed`.
 
 `budget`: the three replicas proxy a burst at one account at once (`--calls` concurrent calls each through
 /proxy/api/v4/account); the sandbox's arrival times of that account's requests must never put more than 7
 in any one-second span, and every replica's callers must all get 200.
 
-Usage: python scripts/replicas.py --scenario both --seconds 180 [--seed N] [--report out.json]
+Usage: python scripts/replicas.py [--scenario kill-restart|budget|both] [--seconds 180] [--db-down 5]
+                                  [--seed N] [--calls 40] [--report out.json]
 """
 
 from __future__ import annotations
@@ -260,9 +265,17 @@ async def final_checks(h: Rig, run: Run, url: str) -> dict[str, Any]:
 
 
 def longest_gap(times: list[float], start: float, end: float) -> float:
-    """The longest span with no 200 from any replica."""
-    marks = [start, *sorted(times), end]
+    """The longest span between `start` and `end` with no 200 from any replica."""
+    marks = [start, *sorted(t for t in times if start < t < end), end]
     return max(b - a for a, b in itertools.pairwise(marks))
+
+
+def longest_gap_outside(run: Run, start: float, end: float) -> float:
+    """The same, before the database stopped and after its window closed (GRACE included)."""
+    if len(run.db_window) < 2:
+        return longest_gap(run.ok_times, start, end)
+    return max(longest_gap(run.ok_times, start, run.db_window[0]),
+               longest_gap(run.ok_times, run.db_window[1] + GRACE, end))
 
 
 async def kill_restart(h: Rig, pg: ThrowawayPostgres, url: str, seconds: float, seed: int,
@@ -300,6 +313,7 @@ async def kill_restart(h: Rig, pg: ThrowawayPostgres, url: str, seconds: float, 
                                           for at in reused],
         "token_answers_by_status": dict(by_status), "token_answers_by_phase": by_phase,
         "longest_gap_without_200_s": round(longest_gap(run.ok_times, started, ended), 3),
+        "longest_gap_without_200_outside_db_window_s": round(longest_gap_outside(run, started, ended), 3),
         "slowest_token_answer_by_phase_s": {k: round(v, 3) for k, v in sorted(run.slowest.items())},
         "killed_replica_ready_again_s": _spread(run.ready_after_kill),
         "database_window_s": {"held_down": db_down,
