@@ -255,13 +255,29 @@ async def final_checks(h: Rig, run: Run, url: str) -> dict[str, Any]:
             run.failures.append(str(err))
         ends.append((await h.token(index))[0])
     run.failures.extend(f"replica {i} ended with /token {s}" for i, s in enumerate(ends) if s != 200)
-    account = PgVaultView(url, KeyRing.parse(h.key_file.read_text())).load().accounts.get(ACCOUNT_ID)
-    status = account.status if account is not None else "absent"
-    live = account is not None and account.tokens is not None and await h.is_live(account.tokens.refresh_token)
+    status, live = await stored_pair(h, url)
     if status != "connected" or not live:
         run.failures.append(f"the account ended {status}, its stored refresh token "
                             f"{'live' if live else 'not the live one'}")
     return {"final_token_status_per_replica": ends, "account_status": status, "stored_refresh_token_live": live}
+
+
+async def stored_pair(h: Rig, url: str) -> tuple[str, bool]:
+    """The account's status in the database, and whether its refresh token is the one the sandbox accepts.
+
+    The pair rotates every 1.5 s: a refresh between reading the row and asking the sandbox spends the token
+    just read, so a dead answer is asked again with the row re-read (a token really lost stays dead).
+    """
+    view = PgVaultView(url, KeyRing.parse(h.key_file.read_text()))
+    status, live = "absent", False
+    for _ in range(10):
+        account = (await asyncio.to_thread(view.load)).accounts.get(ACCOUNT_ID)
+        status = account.status if account is not None else "absent"
+        live = account is not None and account.tokens is not None and await h.is_live(account.tokens.refresh_token)
+        if live:
+            break
+        await asyncio.sleep(0.2)
+    return status, live
 
 
 def longest_gap(times: list[float], start: float, end: float) -> float:
@@ -291,7 +307,7 @@ async def kill_restart(h: Rig, pg: ThrowawayPostgres, url: str, seconds: float, 
     pollers = [poller(h, run, i, until, random.Random(rng.random())) for i in range(REPLICAS)
                for _ in range(POLLERS_PER_REPLICA)]
     await asyncio.gather(chaos(h, run, pg, url, until, rng, kill_every, db_down), *pollers)
-    ended = time.monotonic()
+    ended = min(time.monotonic(), until)  # the pollers stop at `until`; a last restart may run past it
     end_state = await final_checks(h, run, url)
     refreshes = (await arrivals(h))["refreshes"][len(before["refreshes"]):]
     reused = [at for at, presented in refreshes if presented > 1]
