@@ -56,13 +56,15 @@ typecheck: install
 check: lint typecheck test
 
 # Minutes, not hours: the long property/fuzz runs, then the scripts, each printing its figures (JSON kept in var/).
+# replicas.py: three replicas on one throwaway PostgreSQL, kill -9 and restart, the database down 5 s, a proxy burst.
 EVIDENCE_DIR := var/evidence
 
-evidence: install
+evidence: install postgresql-available
 	$(BIN)/python -m pytest -q -m evidence
 	mkdir -p $(EVIDENCE_DIR)
 	$(BIN)/python scripts/crashloop.py --kills 200 --report $(EVIDENCE_DIR)/crashloop.json
 	$(BIN)/python scripts/multiproc.py --processes 4 --seconds 180 --report $(EVIDENCE_DIR)/multiproc.json
+	$(BIN)/python scripts/replicas.py --scenario both --seconds 180 --db-down 5 --report $(EVIDENCE_DIR)/replicas.json
 	$(MAKE) soak
 
 # Load on /token, /test and the proxy with tokens rotating every 2 s (wrk, else an aiohttp loop); RSS sampled.

@@ -207,14 +207,18 @@ class Proxy:
         """Send, with one refresh-and-retry on 401 and bounded backoff on 429; the last answer is returned."""
         refreshed, spent, attempt = False, False, 0
         while True:
-            token = (await self.manager.access(call.account_id)).access_token
-            resp = await self._send_once(call, token)
+            await self.manager.access(call.account_id)  # not connected / reauth: said before queueing
+            resp, token = await self._send_once(call)
             if spent and _authenticated(resp.status):
                 await self.budget.reopen(call.account_id)  # amoCRM took the new token: that refresh was needed
                 spent = False
             if resp.status == 401 and not refreshed:
                 refreshed = True
-                retry, spent = await self.after_401(call.account_id, token)
+                try:
+                    retry, spent = await self.after_401(call.account_id, token)
+                except BaseException:
+                    resp.release()  # the caller went away or the refresh raised: nobody reads this answer
+                    raise
                 if retry and call.may_resend(401):
                     resp.release()
                     self.metrics.upstream_retries.labels(call.account_id, "401").inc()
@@ -256,10 +260,14 @@ class Proxy:
         event(log, "proxy.upstream_401", level=logging.WARNING, account=account_id, action=action)
         self.metrics.upstream_401.labels(account_id, action).inc()
 
-    async def _send_once(self, call: Call, token: str) -> UpstreamResponse:
+    async def _send_once(self, call: Call) -> tuple[UpstreamResponse, str]:
+        """One send once the limiter admits it; the answer and the access token it carried."""
         breaker = self.breakers.get(call.account_id)
         breaker.fail_fast()
         await self.limiters.get(call.account_id).acquire()
+        # The token is taken after the wait in the queue (up to AMO_PROXY_QUEUE / AMO_RATE_LIMIT seconds), not
+        # before it: one taken before may have expired meanwhile, and amoCRM would answer 401 to it.
+        token = (await self.manager.access(call.account_id)).access_token
         breaker.before_call()
         account = await self.manager.connected(call.account_id)
         url = URL(account.base_url.rstrip("/") + call.target, encoded=True)
@@ -274,7 +282,7 @@ class Proxy:
             await self._fail_key(call, exc)
             raise _upstream_error(exc) from None
         breaker.after_call(resp.status)
-        return resp
+        return resp, token
 
     async def _fail_key(self, call: Call, exc: BaseException) -> None:
         if call.key is None:

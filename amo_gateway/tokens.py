@@ -152,11 +152,22 @@ class VaultData:
 
 
 def pair_from_response(body: dict[str, Any], now: float) -> TokenPair:
-    """Build a TokenPair from amoCRM's token answer; reads `expires_in`, never assumes a day."""
+    """Build a TokenPair from amoCRM's token answer; reads `expires_in`, never assumes a day.
+
+    The access token's own `exp` claim wins when it is earlier: a JWT counts whole seconds, so `exp` may fall
+    up to a second before `now + expires_in` (more than the quarter-life leeway of a token of a few seconds).
+    Never later: a gateway clock behind amoCRM's would otherwise stretch the token. An `exp` already past by
+    this clock (one far ahead of amoCRM's) is ignored rather than making every fresh token look expired.
+    """
+    access = str(body["access_token"])
+    expires_at = now + float(body["expires_in"])
+    exp = decode_claims(access).get("exp")
+    if isinstance(exp, int | float) and not isinstance(exp, bool) and now < exp < expires_at:
+        expires_at = float(exp)
     return TokenPair(
-        access_token=str(body["access_token"]),
+        access_token=access,
         refresh_token=str(body["refresh_token"]) if body.get("refresh_token") else None,
-        expires_at=now + float(body["expires_in"]),
+        expires_at=expires_at,
         obtained_at=now,
     )
 

@@ -136,6 +136,8 @@ class Harness:
             "AMO_CONSUMER_TOKENS": CONSUMER, "AMO_UPSTREAM_TIMEOUT": "5", "AMO_SHUTDOWN_TIMEOUT": "5",
             "AMO_LOG_LEVEL": "WARNING",
         })
+        # This checkout's code, even when the venv's editable install points at another one (a git worktree).
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
         env.update(self.extra_env)
         return env
 

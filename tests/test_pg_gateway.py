@@ -6,12 +6,14 @@ import asyncio
 import time
 from typing import Any
 
+from aiohttp import ClientTimeout
 from aiohttp.test_utils import TestServer
 
 from amo_gateway.app import create_app
 from amo_gateway.serve import runner_options
 from amo_gateway.typedefs import STORE
 from tests.conftest import ACCOUNT_ID, RigFactory
+from tests.pg import ThrowawayPostgres
 
 
 async def _second_gateway(rig: Any, aiohttp_client: Any) -> Any:
@@ -99,3 +101,31 @@ async def test_an_idempotent_retry_on_the_other_gateway_is_replayed(
               for c in (rig.client, other) for _ in range(3)]
     statuses = sorted([(await r.read(), r.status)[1] for r in await asyncio.gather(*racing)])
     assert rig.sandbox.hits["api"] == 2 and statuses.count(200) >= 1  # the rest replayed or told "in flight"
+
+
+async def test_with_the_database_down_an_expired_token_answers_503_in_seconds(
+        make_rig: RigFactory, postgres: ThrowawayPostgres) -> None:
+    """Database stopped, cached token expired: /token says 503 state_unavailable within a few seconds (each
+    lease statement waits 2 s for a connection), not after the pool's 10 s wait per statement; 200 once back."""
+    own = ThrowawayPostgres(postgres.bindir)  # stopped and started here: not the session's shared server
+    await asyncio.to_thread(own.init)
+    try:
+        rig = await make_rig(database_url=own.database(), sandbox_access_ttl=2, upstream_timeout=1)
+        await rig.connect()
+        await asyncio.to_thread(own.stop, "fast")
+        await asyncio.sleep(2.2)  # the token held in memory has expired by now
+        started = time.monotonic()
+        resp = await rig.client.get(rig.url("/token"), headers=rig.admin, timeout=ClientTimeout(total=9))
+        assert (resp.status, (await resp.json())["error"]) == (503, "state_unavailable")
+        # at most two waits: behind the refresher's batch holding the account's lock, then this call's own
+        assert time.monotonic() - started < 6
+        await asyncio.to_thread(own.start)
+        for _ in range(100):
+            resp = await rig.client.get(rig.url("/token"), headers=rig.admin)
+            if resp.status == 200:
+                break
+            await asyncio.sleep(0.1)
+        assert resp.status == 200 and "Warning" not in resp.headers
+        assert rig.sandbox.refresh_tokens_reused == 0
+    finally:
+        await asyncio.to_thread(own.destroy)

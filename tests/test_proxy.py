@@ -186,3 +186,16 @@ def test_answer_headers_lose_hop_by_hop_cookies_and_those_connection_names() -> 
 
     kept = dict(_down_headers(FakeResponse()))  # type: ignore[arg-type]
     assert kept == {"Content-Type": "application/json", "X-Request-Id": "r-9"}
+
+
+async def test_a_call_queued_past_its_token_expiry_is_sent_with_a_fresh_token(make_rig: RigFactory) -> None:
+    """A call waits in the limiter's queue longer than the token it would have carried lives: amoCRM never sees
+    that expired token (no 401, no resend), because the token is taken when the call is admitted, not queued."""
+    # 4 s tokens: the sandbox's whole-second `exp` makes one live 3-4 s, the gateway uses it for 3 s (a quarter early)
+    rig = await _connected(make_rig, rate_limit=1, rate_guard=0.5, sandbox_access_ttl=4)
+    calls = 5  # admitted 1.5 s apart: the last two go out 4.5 and 6 s after the first, past the queued token's life
+    answers = await asyncio.gather(*(rig.client.get(rig.url("/proxy/api/v4/leads"), headers=CONSUMER)
+                                     for _ in range(calls)))
+    assert [a.status for a in answers] == [200] * calls
+    assert rig.sandbox.hits["api"] == calls  # one send per call: none was refused 401 and resent
+    assert rig.sandbox.refresh_attempts >= 1  # the queue really outlived the first token, refreshed for it

@@ -505,6 +505,23 @@ async def test_sandbox_stats_and_faults_endpoints(start: Any) -> None:
     assert (await client.post("/_sandbox/faults", data=b"[1]")).status == 400
 
 
+async def test_sandbox_arrivals_give_the_times_of_api_calls_and_refreshes(start: Any, clock: FakeClock) -> None:
+    """/_sandbox/arrivals: when each /api/v4 call and each refresh came, a reuse marked by its count."""
+    client = await start()
+    pair = await connect(client)
+    await client.get("/api/v4/leads", headers=bearer(pair["access_token"]))
+    clock.advance(0.25)
+    await client.get("/api/v4/account", headers=bearer(pair["access_token"]))
+    assert (await refresh_grant(client, pair["refresh_token"])).status == 200
+    clock.advance(0.5)
+    assert (await refresh_grant(client, pair["refresh_token"])).status == 401  # spent: presented a second time
+    body = await (await client.get("/_sandbox/arrivals")).json()
+    start_at = clock.now - 0.75
+    assert body["api"] == {str(MAIN_ID): [start_at, start_at + 0.25]}
+    assert body["refreshes"] == [[start_at + 0.25, 1], [start_at + 0.75, 2]]
+    assert pair["refresh_token"] not in json.dumps(body)
+
+
 async def test_sandbox_authorize_issues_a_code_and_the_browser_redirect(start: Any) -> None:
     """/_sandbox/authorize plays the consent click: a code, and the redirect with state and referer."""
     client = await start()

@@ -40,6 +40,24 @@ def test_pair_reads_expires_in_instead_of_assuming_a_day() -> None:
     assert (pair.expires_at, pair.obtained_at) == (170, 50)
 
 
+def _jwt(exp: object) -> str:
+    claims = base64.urlsafe_b64encode(json.dumps({"exp": exp, "account_id": 1}).encode()).decode().rstrip("=")
+    return f"eyJ0eXAiOiJKV1QifQ.{claims}.c2ln"
+
+
+def test_pair_takes_the_tokens_own_exp_when_it_is_earlier_than_expires_in() -> None:
+    """amoCRM's JWT `exp` counts whole seconds: issued at 1000.8 for 3 s it dies at 1003, not 1003.8 - and a
+    token of a few seconds must not be used past that (its quarter-life leeway is shorter than the rounding)."""
+    now = 1000.8
+    pair = pair_from_response({"access_token": _jwt(1003), "refresh_token": "y", "expires_in": 3}, now=now)
+    assert pair.expires_at == 1003 and pair.expired(1003, leeway=0) and not pair.expired(1002.9, leeway=0)
+    assert pair.expired(1002.5)  # let go a quarter-life early, before 1003 (expires_in alone: used until 1003.05)
+    later = pair_from_response({"access_token": _jwt(1010), "refresh_token": "y", "expires_in": 3}, now=now)
+    assert later.expires_at == now + 3  # never later than expires_in (a clock behind amoCRM's)
+    for odd in (1000, 999.5, "1003", True, None):  # past by this clock, or not a number: expires_in decides
+        assert pair_from_response({"access_token": _jwt(odd), "expires_in": 3}, now=now).expires_at == now + 3
+
+
 def test_spread_moves_due_times_earlier_never_later() -> None:
     """Per-account jitter thins refresh storms but never lets a token expire first."""
     dues = {account_due_at(Account(str(i), "https://x", _pair()), 3600) for i in range(50)}

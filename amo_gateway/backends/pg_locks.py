@@ -23,6 +23,10 @@ from amo_gateway.logs import event
 
 log = logging.getLogger("amo_gateway.state")
 _POLL = 0.05
+# Seconds a lease statement waits for a pooled connection (the pool's own wait is 10 s): with the database away,
+# a refresh fails with StateUnavailable (/token: 503) in about this long instead of holding the account's lock,
+# and every caller queued behind it, for the pool's whole wait (found by scripts/replicas.py: /token hung 14 s).
+CONNECT_WAIT = 2.0
 
 _TAKE = """
 INSERT INTO amo_refresh_leases (account_id, holder, until)
@@ -114,7 +118,7 @@ class PgRefreshLocks:
 
     async def _take(self, account_id: str) -> bool:
         try:
-            async with self._pool.connection() as conn:
+            async with self._pool.connection(timeout=CONNECT_WAIT) as conn:
                 cur = await conn.execute(_TAKE, {"account": account_id, "holder": self._holder,
                                                  "seconds": self._seconds})
                 return await cur.fetchone() is not None
@@ -123,7 +127,7 @@ class PgRefreshLocks:
 
     async def _take_many(self, account_ids: list[str]) -> list[str]:
         try:
-            async with self._pool.connection() as conn:
+            async with self._pool.connection(timeout=CONNECT_WAIT) as conn:
                 cur = await conn.execute(_TAKE_MANY, {"accounts": account_ids, "holder": self._holder,
                                                       "seconds": self._seconds})
                 return [row[0] for row in await cur.fetchall()]
@@ -132,7 +136,7 @@ class PgRefreshLocks:
 
     async def _give_back_many(self, account_ids: list[str]) -> None:
         try:
-            async with self._pool.connection() as conn:
+            async with self._pool.connection(timeout=CONNECT_WAIT) as conn:
                 await conn.execute("DELETE FROM amo_refresh_leases WHERE account_id = ANY(%s) AND holder = %s",
                                    (account_ids, self._holder))
         except psycopg.Error as err:
@@ -142,7 +146,7 @@ class PgRefreshLocks:
     async def _give_back(self, account_id: str) -> None:
         """Best effort: a lease that cannot be deleted now simply expires."""
         try:
-            async with self._pool.connection() as conn:
+            async with self._pool.connection(timeout=CONNECT_WAIT) as conn:
                 await conn.execute("DELETE FROM amo_refresh_leases WHERE account_id = %s AND holder = %s",
                                    (account_id, self._holder))
         except psycopg.Error as err:

@@ -253,6 +253,11 @@ async def _stats(request: web.Request) -> web.StreamResponse:
     return web.json_response(request.app[SANDBOX_STATE].stats())
 
 
+async def _arrivals(request: web.Request) -> web.StreamResponse:
+    """GET /_sandbox/arrivals: the arrival times of /api/v4 requests per account and of refreshes."""
+    return web.json_response(request.app[SANDBOX_STATE].arrivals())
+
+
 async def _faults(request: web.Request) -> web.StreamResponse:
     """POST /_sandbox/faults: set fail_next, delay, drop_next_refresh, banned, unauthorized_paths (or clear)."""
     state = request.app[SANDBOX_STATE]
@@ -330,6 +335,7 @@ def create_sandbox_app(config: SandboxConfig) -> web.Application:
     add_entity_routes(router)  # before the echo, which takes whatever they leave
     router.add_route("*", "/api/v4/{tail:.*}", _api, name="api")
     router.add_get("/_sandbox/stats", _stats)
+    router.add_get("/_sandbox/arrivals", _arrivals)
     router.add_post("/_sandbox/faults", _faults)
     router.add_post("/_sandbox/authorize", _authorize)
     router.add_post("/_sandbox/revoke", _revoke)

@@ -98,6 +98,7 @@ class SandboxState:
         self.hits: Counter[str] = Counter()
         self.refresh_attempts = 0
         self.refresh_tokens_presented: Counter[str] = Counter()
+        self.refresh_log: list[tuple[float, int]] = []  # (when, how often that token was presented by then)
         self.codes_issued = 0
         self.codes_redeemed = 0
         self.exchange_calls = 0
@@ -163,6 +164,7 @@ class SandboxState:
         """Spend a refresh token sent to `account`'s host and mint the next pair of its chain."""
         self.refresh_attempts += 1
         self.refresh_tokens_presented[token] += 1
+        self.refresh_log.append((self.clock(), self.refresh_tokens_presented[token]))
         record = self._refresh.get(token)
         if record is None or record.spent:
             raise OAuthProblem(401, "Token has been revoked", detail=BAD_REFRESH)
@@ -267,6 +269,14 @@ class SandboxState:
         if ban_after is not None and self._rate_limited_by_account[account_id] >= ban_after:
             self.banned.add(account_id)
         return False
+
+    def arrivals(self) -> dict[str, Any]:
+        """When each /api/v4 request and each refresh arrived (the sandbox's clock), for evidence scripts.
+
+        A refresh is `[when, n]`, n being how often its token had been presented by then (n > 1: a reuse).
+        """
+        return {"api": {str(a): list(times) for a, times in self._arrivals.items()},
+                "refreshes": [list(entry) for entry in self.refresh_log]}
 
     def max_requests_in_window(self, account_id: int, window: float = 1.0) -> int:
         """The most /api/v4 arrivals of the account seen in any `window`-second span."""
