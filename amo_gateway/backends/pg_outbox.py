@@ -49,7 +49,7 @@ class PgOutbox:
     async def record(self, decide: Decide, targets: Sequence[str], now: float, max_pending: int
                      ) -> list[dict[str, Any]]:
         async with self._locked() as (conn, box):
-            box.pending = await self._deliveries(conn, "TRUE", ())
+            box.pending = await self._deliveries(conn, "TRUE ORDER BY seq", ())  # queue order: drops take the oldest
             rows = await (await conn.execute("SELECT entry FROM amo_alert_history ORDER BY seq")).fetchall()
             box.history = [r[0] for r in rows]
             rows = await (await conn.execute("SELECT key, record FROM amo_alert_active")).fetchall()
