@@ -19,9 +19,10 @@ def test_three_processes_on_one_vault_never_send_a_refresh_token_twice(tmp_path:
     assert figures["final_status_per_process"] == [200, 200, 200]
     assert figures["token_answers"] == {"200": figures["token_calls"]}
     assert figures["refreshes"] >= 5  # the pair really rotated during the run (every ttl/2)
-    # ~9000 callers' requests, yet about one refresh per half-life: callers do not each spend a token
+    # ~6000 callers' requests, yet about one refresh per half-life: callers do not each spend a token. The
+    # lifetime is the token's own whole-second `exp`, 2-3 s after it arrives, so a half-life is 1-1.5 s.
     assert figures["token_calls"] > 1000
-    assert figures["refreshes"] <= 15 / 1.5 + 4
+    assert figures["refreshes"] <= 15 / 1.0 + 4
     # the locks were contended: more than one process did refresh (all were started before the connect)
     assert sum(1 for n in figures["refreshes_per_process"] if n) >= 2, figures["refreshes_per_process"]
     assert sum(figures["refreshes_per_process"]) == figures["refreshes"]
