@@ -58,9 +58,10 @@ check: lint typecheck test
 # Minutes, not hours: the long property/fuzz runs, then the scripts, each printing its figures (JSON kept in var/).
 EVIDENCE_DIR := var/evidence
 
-evidence: install
+evidence: install postgresql-available
 	$(BIN)/python -m pytest -q -m evidence
 	mkdir -p $(EVIDENCE_DIR)
+	$(BIN)/python scripts/bench_pg.py --full --report $(EVIDENCE_DIR)/bench_pg.json
 	$(BIN)/python scripts/crashloop.py --kills 200 --report $(EVIDENCE_DIR)/crashloop.json
 	$(BIN)/python scripts/multiproc.py --processes 4 --seconds 180 --report $(EVIDENCE_DIR)/multiproc.json
 	$(MAKE) soak

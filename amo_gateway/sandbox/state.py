@@ -224,6 +224,10 @@ class SandboxState:
                 if r.account_id == account_id and self.refresh_account(t) is not None]
         return live[-1] if live else None
 
+    def live_refresh_tokens(self) -> dict[int, str]:
+        """The newest live refresh token of every account that has one, in one pass (benchmarks, 10 000 accounts)."""
+        return {r.account_id: t for t, r in self._refresh.items() if self.refresh_account(t) is not None}
+
     def live_refresh_count(self, account_id: int) -> int:
         """How many live refresh tokens the account has (normally one per grant chain)."""
         return sum(1 for t, r in self._refresh.items()
