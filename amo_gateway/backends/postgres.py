@@ -90,6 +90,7 @@ class PgStore:
         self._checked_at = float("-inf")
         self._changed = asyncio.Event()
         self._listening = False
+        self._subscribed = asyncio.Event()  # set while LISTEN is in effect
         self._listener: asyncio.Task[None] | None = None
         self._healthy = True
         self._retry: asyncio.Task[None] | None = None
@@ -110,7 +111,12 @@ class PgStore:
         return self._pool
 
     async def open(self) -> None:
-        """Connect, apply the migrations this database lacks (advisory lock), read every account, listen."""
+        """Connect, apply the migrations this database lacks (advisory lock), listen, read every account.
+
+        Listening first: the one full read then covers every write before the LISTEN, the notifications every
+        write after it. (Listening after the read left a gap the listener closed with a second full read on the
+        first request: 12 s more at 100 000 accounts.)
+        """
         self._pool = await open_pool(self._url, max_size=self._pool_size)
         try:
             applied = await migrate(self._pool)
@@ -118,8 +124,14 @@ class PgStore:
             raise StateUnavailable(f"cannot migrate the PostgreSQL state: {describe(err)}") from None
         if applied:
             event(log, "state.migrated", applied=applied)
-        await self.reload()
         self._listener = asyncio.create_task(self._listen(), name="amo-gateway-state-listener")
+        with contextlib.suppress(TimeoutError):  # not listening yet: its connect re-reads everything, as after a gap
+            await asyncio.wait_for(self._subscribed.wait(), READ_WAIT)
+        try:
+            await self.reload()
+        except BaseException:
+            await self.close()
+            raise
 
     async def close(self) -> None:
         for task in (self._listener, self._retry):
@@ -378,12 +390,14 @@ class PgStore:
                 async with await psycopg.AsyncConnection.connect(self._url, autocommit=True) as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     self._listening, self._all_stale, pause = True, True, 0.5
+                    self._subscribed.set()
                     self._changed.set()
                     async for note in conn.notifies():
                         self._heard(note.payload)
             except psycopg.Error as err:
                 event(log, "state.listener_lost", level=logging.WARNING, detail=describe(err), retry_in=pause)
             self._listening, self._all_stale = False, True
+            self._subscribed.clear()
             self._changed.set()
             await asyncio.sleep(pause)
             pause = min(pause * 2, 10.0)
