@@ -52,6 +52,7 @@ RECENT_OVERLAP = datetime.timedelta(seconds=5)  # a row's updated_at is taken be
 # (a probe re-reads rows written since 5 s before the previous probe: a transaction longer than that is not seen
 # by the probe, only by its NOTIFY)
 READ_WAIT = 2.0  # seconds a read waits for a connection: a probe of a database that is down answers in time
+_PAGE = 2000  # rows per fetch of a full read
 _NOTIFY_LIMIT = 7000  # bytes; PostgreSQL caps a payload at 8000, a larger change says "everything"
 
 _LOCK_ACCOUNTS = "SELECT account_id, sealed, key_fp FROM amo_accounts WHERE account_id = ANY(%s) " \
@@ -206,11 +207,11 @@ class PgStore:
             self._stale.clear()
             try:
                 started = (await self._fetch("SELECT clock_timestamp()", ()))[0][0]
-                rows = await self._fetch("SELECT account_id, sealed, key_fp FROM amo_accounts", ())
+                accounts = await self._read_all()
             except StateUnavailable:
                 self._all_stale = True
                 raise
-            self._data = VaultData(accounts={r[0]: self._account(r) for r in rows})
+            self._data = VaultData(accounts=accounts)
             self._seen_upto = started  # the next probe re-reads rows written since shortly before this read
             return self._data
         if self._stale:
@@ -224,6 +225,19 @@ class PgStore:
             self._data.accounts.update({r[0]: self._account(r) for r in rows if r[0] is not None})
             self._seen_upto = rows[-1][3]
         return self._data
+
+    async def _read_all(self) -> dict[str, Account]:
+        """Every account, a page at a time through a server-side cursor: one snapshot, as one SELECT, but the
+        sealed rows of 100 000 accounts never sit in memory all at once (they set the process's RSS)."""
+        accounts: dict[str, Account] = {}
+        try:
+            async with self.pool.connection(timeout=READ_WAIT) as conn, conn.cursor(name="amo_read_all") as cur:
+                await cur.execute("SELECT account_id, sealed, key_fp FROM amo_accounts")
+                while rows := await cur.fetchmany(_PAGE):
+                    accounts.update((r[0], self._account(r)) for r in rows)
+        except psycopg.OperationalError as err:
+            raise StateUnavailable(f"the PostgreSQL state is unreachable: {describe(err)}") from None
+        return accounts
 
     async def _refetch(self, ids: list[str]) -> None:
         try:
