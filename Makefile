@@ -62,6 +62,7 @@ EVIDENCE_DIR := var/evidence
 evidence: install postgresql-available
 	$(BIN)/python -m pytest -q -m evidence
 	mkdir -p $(EVIDENCE_DIR)
+	$(BIN)/python scripts/bench_pg.py --full --report $(EVIDENCE_DIR)/bench_pg.json
 	$(BIN)/python scripts/crashloop.py --kills 200 --report $(EVIDENCE_DIR)/crashloop.json
 	$(BIN)/python scripts/multiproc.py --processes 4 --seconds 180 --report $(EVIDENCE_DIR)/multiproc.json
 	$(BIN)/python scripts/replicas.py --scenario both --seconds 180 --db-down 5 --report $(EVIDENCE_DIR)/replicas.json

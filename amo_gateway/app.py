@@ -25,7 +25,7 @@ from amo_gateway.connections import ConnectionGuard, descriptor_cap
 from amo_gateway.flows import Flows
 from amo_gateway.forwarded import setup_forwarded
 from amo_gateway.logs import AccessLog, event
-from amo_gateway.manager import Outcome, TokenManager
+from amo_gateway.manager import SHARED_BATCH, Outcome, TokenManager
 from amo_gateway.metrics import Metrics
 from amo_gateway.middlewares import errors_middleware
 from amo_gateway.proxy import Proxy
@@ -225,7 +225,8 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     locks = store.refresh_locks()
     app[MANAGER] = TokenManager(store, client, locks, app[CLOCK], margin=settings.refresh_margin,
                                 url_template=settings.account_url_template,
-                                base_domains=settings.allowed_base_domains)
+                                base_domains=settings.allowed_base_domains,
+                                batch_size=SHARED_BATCH if settings.database_url is not None else None)
     app[FLOWS] = Flows(settings, store, client, app[CLOCK])
     app[REFRESHER] = Refresher(app[MANAGER], app[CLOCK], margin=settings.refresh_margin)
     yield

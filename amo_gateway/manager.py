@@ -4,7 +4,9 @@ A refresh takes the account's refresh lock, re-reads the vault under the file lo
 process already did the work, marks the refresh as in flight, calls amoCRM, and stores the new pair
 before anyone sees it. A marker that survives a crash tells, on the next attempt, that an answer was lost.
 A batch of due accounts shares one vault write to claim them and one to store their results, so a
-refresh storm over thousands of accounts does not rewrite the vault once per account.
+refresh storm over thousands of accounts does not rewrite the vault once per account. With `batch_size`
+(PostgreSQL) a storm is cut into batches of that many, two at a time: the next batch claims while this one's
+calls are in flight, and a crash mid-storm loses at most the answers of the batches then in flight.
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ from amo_gateway.vault import Unchanged
 
 log = logging.getLogger("amo_gateway.refresh")
 REVOKED_HINT = "Token has been revoked"
-BATCH_CONCURRENCY = 16
+BATCH_CONCURRENCY = 16  # amoCRM calls in flight at once, shared by the batches of a storm
+BATCHES_AT_ONCE = 2
+SHARED_BATCH = 250  # accounts per claim and per store in a storm on PostgreSQL (scripts/bench_pg.py measured it)
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,8 @@ class TokenManager:
     """Hands out current tokens and refreshes them, one refresh per account at a time."""
 
     def __init__(self, store: StateStore, client: AmoClient, locks: RefreshLockSet, clock: Clock, *, margin: float,
-                 url_template: str = "https://{host}", base_domains: Sequence[str] = DEFAULT_BASE_DOMAINS) -> None:
+                 url_template: str = "https://{host}", base_domains: Sequence[str] = DEFAULT_BASE_DOMAINS,
+                 batch_size: int | None = None) -> None:
         self.store = store
         self.client = client
         self.locks = locks
@@ -78,6 +83,7 @@ class TokenManager:
         self.margin = margin
         self.url_template = url_template
         self.base_domains = base_domains
+        self.batch_size = batch_size  # None: a storm is one batch (each file vault write rewrites every account)
         self.observers: list[Observer] = []
         self._running: set[asyncio.Future[list[Outcome]]] = set()
 
@@ -115,8 +121,8 @@ class TokenManager:
         return (await self._shielded(self._refresh_waiting(account_id, seen)))[0]
 
     async def refresh_due(self, account_ids: Iterable[str]) -> list[Outcome]:
-        """The scheduler's entry: refresh the due ones as one batch; skip those someone else holds."""
-        return await self._shielded(self._refresh_batch(list(account_ids)))
+        """The scheduler's entry: refresh the due ones in batches; skip those someone else holds."""
+        return await self._shielded(self._refresh_batches(list(account_ids)))
 
     async def drain(self) -> None:
         """Wait for refreshes already sent to amoCRM, so that shutdown never strands a spent token."""
@@ -134,20 +140,37 @@ class TokenManager:
         async with self.locks.hold(account_id):
             return await self._claimed_run([account_id], seen, skip_locked=False)
 
-    async def _refresh_batch(self, account_ids: list[str]) -> list[Outcome]:
+    async def _refresh_batches(self, account_ids: list[str]) -> list[Outcome]:
+        """Every batch runs to its end (its answers stored) even when another fails; then the first error is raised."""
+        size = self.batch_size or max(len(account_ids), 1)
+        gate, lanes = asyncio.Semaphore(BATCH_CONCURRENCY), asyncio.Semaphore(BATCHES_AT_ONCE)
+
+        async def lane(batch: list[str]) -> list[Outcome]:
+            async with lanes:
+                return await self._refresh_batch(batch, gate)
+
+        done = await asyncio.gather(*(lane(account_ids[i:i + size]) for i in range(0, len(account_ids), size)),
+                                    return_exceptions=True)
+        for result in done:
+            if isinstance(result, BaseException):
+                raise result
+        return [outcome for result in done if not isinstance(result, BaseException) for outcome in result]
+
+    async def _refresh_batch(self, account_ids: list[str], gate: asyncio.Semaphore) -> list[Outcome]:
         held = await self.locks.try_hold_many(account_ids)
         taken = set(held)
         skipped = [Outcome(a, "skipped") for a in account_ids if a not in taken]
         try:
-            return skipped + (await self._claimed_run(held, None, skip_locked=True) if held else [])
+            return skipped + (await self._claimed_run(held, None, skip_locked=True, gate=gate) if held else [])
         finally:
             await self.locks.release_many(held)
 
-    async def _claimed_run(self, account_ids: list[str], seen: str | None, *, skip_locked: bool) -> list[Outcome]:
+    async def _claimed_run(self, account_ids: list[str], seen: str | None, *, skip_locked: bool,
+                           gate: asyncio.Semaphore | None = None) -> list[Outcome]:
         """Claim (one write), call amoCRM (bounded concurrency), store every result (one write)."""
         now = self.clock.time()
         claims = await self._claim(account_ids, now, seen, skip_locked)
-        gate = asyncio.Semaphore(BATCH_CONCURRENCY)
+        gate = gate or asyncio.Semaphore(BATCH_CONCURRENCY)
 
         async def one(claim: tuple[Account, InFlight | None]) -> Outcome:
             async with gate:

@@ -252,6 +252,30 @@ async def test_a_miss_catches_up_without_reading_every_account(database_url: str
     await reader.close()
 
 
+async def test_start_up_reads_every_account_once_and_hears_what_follows(database_url: str, keys: KeyRing) -> None:
+    """open() listens before its one full read: the reads after start-up do not decrypt every account again (at
+    100 000 accounts that was 12 s more, on the first request), and a write made after start-up is still heard."""
+    writer = await _opened(database_url, keys)
+    for n in range(50):
+        await writer.put_account(_account(str(n)))
+    reader = PgStore(database_url, keys)
+    opened: list[str] = []
+    original = reader._account
+    reader._account = lambda row: opened.append(row[0]) or original(row)  # type: ignore[method-assign]
+    await reader.open()
+    await asyncio.sleep(0.3)  # the listener is up and the read throttle has passed
+    assert len((await reader.snapshot()).accounts) == 50
+    await writer.put_account(_account("new"))
+    for _ in range(100):
+        if "new" in (await reader.snapshot()).accounts:
+            break
+        await asyncio.sleep(0.05)
+    assert "new" in (await reader.snapshot()).accounts
+    assert opened.count("1") == 1 and opened.count("new") == 1
+    await writer.close()
+    await reader.close()
+
+
 async def test_status_and_forget_work_on_the_database(tmp_path: Path, database_url: str) -> None:
     key_file = tmp_path / "vault-key"
     key_file.write_text(Fernet.generate_key().decode() + "\n")

@@ -87,6 +87,8 @@ class SandboxState:
         self._arrivals: defaultdict[int, list[float]] = defaultdict(list)
         self._admitted: defaultdict[int, list[float]] = defaultdict(list)
         self._rate_limited_by_account: Counter[int] = Counter()
+        self._by_subdomain: dict[str, SandboxAccount] = {}  # indexes, so a request costs O(1) at 10 000 accounts
+        self._by_id: dict[int, SandboxAccount] = {}
         # Test switches.
         self.fail_next: dict[str, list[int]] = {}
         self.delay: dict[str, float] = {}
@@ -115,11 +117,7 @@ class SandboxState:
     def account_for_host(self, host: str | None) -> SandboxAccount:
         """The account whose subdomain is the Host's first label, else the default one."""
         hostname = "" if (host or "").startswith("[") else (host or "").split(":", 1)[0]
-        first = hostname.split(".", 1)[0].lower()
-        for account in self.config.accounts:
-            if account.subdomain.lower() == first:
-                return account
-        return self.config.accounts[0]
+        return self._subdomain_account(hostname.split(".", 1)[0].lower()) or self.config.accounts[0]
 
     def unknown_account_host(self, host: str | None) -> bool:
         """True for `{sub}.{base_domain}` whose subdomain no account has (renamed away): amoCRM answers 404."""
@@ -130,11 +128,28 @@ class SandboxState:
         first = hostname[: -len(suffix)]
         if first == "www" or first.startswith("api-"):
             return False
-        return all(a.subdomain.lower() != first for a in self.config.accounts)
+        return self._subdomain_account(first) is None
 
     def account(self, account_id: int) -> SandboxAccount | None:
         """The account with this id, if the sandbox serves it."""
-        return next((a for a in self.config.accounts if a.account_id == account_id), None)
+        found = self._by_id.get(account_id)
+        if found is None or found.account_id != account_id:
+            self._by_id = {}
+            for account in self.config.accounts:
+                self._by_id.setdefault(account.account_id, account)
+            found = self._by_id.get(account_id)
+        return found
+
+    def _subdomain_account(self, first: str) -> SandboxAccount | None:
+        """The first account whose subdomain is `first`; the index is checked on use and rebuilt on a miss,
+        since tests rename an account by changing its subdomain in place."""
+        found = self._by_subdomain.get(first)
+        if found is None or found.subdomain.lower() != first:
+            self._by_subdomain = {}
+            for account in self.config.accounts:
+                self._by_subdomain.setdefault(account.subdomain.lower(), account)
+            found = self._by_subdomain.get(first)
+        return found
 
     # Codes and tokens.
     def issue_code(self, account_id: int) -> str:
@@ -210,6 +225,10 @@ class SandboxState:
         live = [t for t, r in self._refresh.items()
                 if r.account_id == account_id and self.refresh_account(t) is not None]
         return live[-1] if live else None
+
+    def live_refresh_tokens(self) -> dict[int, str]:
+        """The newest live refresh token of every account that has one, in one pass (benchmarks, 10 000 accounts)."""
+        return {r.account_id: t for t, r in self._refresh.items() if self.refresh_account(t) is not None}
 
     def live_refresh_count(self, account_id: int) -> int:
         """How many live refresh tokens the account has (normally one per grant chain)."""
