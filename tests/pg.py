@@ -17,6 +17,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,6 +31,19 @@ from amo_gateway.backends.pg_schema import Sealer
 from amo_gateway.backends.postgres import _UPSERT_ACCOUNT, _UPSERT_SLOT, _UPSERT_STATE, CHANNEL
 from amo_gateway.tokens import Account, PendingState, VaultData
 from amo_gateway.vault import KeyRing, Unchanged
+
+_WATCHDOG = """
+import json, os, shutil, subprocess, sys, time
+owner, root, stop = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
+while os.path.isdir(root):
+    try:
+        os.kill(owner, 0)
+    except ProcessLookupError:
+        subprocess.run(stop, capture_output=True, timeout=60, check=False)
+        shutil.rmtree(root, ignore_errors=True)
+        break
+    time.sleep(1)
+"""
 
 
 def _bindir() -> Path | None:
@@ -84,6 +98,21 @@ class ThrowawayPostgres:
         options = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
                    "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
         self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.root / "log"), "-w", "start")
+        self._watch()
+
+    def _watch(self) -> None:
+        """A watchdog that stops the server and removes its directory once this process is gone.
+
+        pg_ctl detaches the server, so a test process killed before `destroy` (a timeout, a SIGKILL, a mutation
+        run killing a hung mutant) would leave it running for good; the watchdog sees the owner die and cleans up.
+        It also ends by itself when `destroy` has removed the directory.
+        """
+        pg_ctl = [str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop"]
+        if self._as_nobody:
+            pg_ctl = ["runuser", "-u", "nobody", "--", *pg_ctl]
+        subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(self.root), json.dumps(pg_ctl)],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
 
     def stop(self, mode: str = "fast") -> None:
         self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -291,3 +292,24 @@ async def test_status_and_forget_work_on_the_database(tmp_path: Path, database_u
     assert (await store.reload()).accounts == {}
     assert not (tmp_path / "state" / "vault.enc").exists()  # the database was changed, not a vault file
     await store.close()
+
+
+def test_a_throwaway_server_whose_test_process_dies_stops_by_itself(tmp_path: Path) -> None:
+    """tests/pg.py's watchdog: a test process killed before teardown must not leave its server running."""
+    bindir = _bindir()
+    if bindir is None:
+        pytest.skip("no PostgreSQL server binaries") if os.environ.get("CI") != "true" else pytest.fail("no PostgreSQL")
+    owner = ("import os, sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; from tests.pg import "
+             "ThrowawayPostgres; pg = ThrowawayPostgres(Path(sys.argv[2])); pg.init(); print(pg.root, pg.port, "
+             "flush=True); os._exit(9)")  # dies like a killed test: no destroy()
+    done = subprocess.run([sys.executable, "-c", owner, str(Path(__file__).parent.parent), str(bindir)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    root, port = done.stdout.split()
+    assert done.returncode == 9  # its server was up (pg_ctl -w) when it died
+    for _ in range(100):
+        if not Path(root).exists():
+            break
+        time.sleep(0.1)
+    assert not Path(root).exists()
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(f"postgresql://amo@127.0.0.1:{port}/postgres", connect_timeout=2)
