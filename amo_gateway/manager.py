@@ -24,6 +24,7 @@ from amo_gateway.clock import Clock
 from amo_gateway.errors import (
     NotConnected,
     ReauthRequired,
+    StateUnavailable,
     UpstreamError,
     UpstreamNotFound,
     UpstreamRejected,
@@ -114,6 +115,15 @@ class TokenManager:
                 raise outcome.error
         fresh = (await self.connected(account_id)).tokens
         assert fresh is not None
+        if fresh.expired(self.clock.time(), leeway=0):
+            # The refresh was someone else's and this view never caught up (a lost LISTEN, a database away):
+            # read the backend once, and never hand out a token that has already expired.
+            await self.store.reload()
+            fresh = (await self.connected(account_id)).tokens
+            assert fresh is not None
+            if fresh.expired(self.clock.time(), leeway=0):
+                raise StateUnavailable("no unexpired access token is visible yet (another process is refreshing "
+                                       "it, or the shared state is out of reach); retry shortly")
         return fresh
 
     async def refresh(self, account_id: str, *, seen: str | None = None) -> Outcome:

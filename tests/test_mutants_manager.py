@@ -17,6 +17,7 @@ import pytest
 from amo_gateway.errors import (
     NotConnected,
     ReauthRequired,
+    StateUnavailable,
     UpstreamError,
     UpstreamNotFound,
     UpstreamRateLimited,
@@ -365,3 +366,33 @@ def test_apply_stores_every_result_even_after_a_forgotten_account() -> None:
     stored = _apply(data, [Outcome("gone", "refreshed", pair=pair), Outcome(ID, "refreshed", pair=pair)], 0.0)
     assert set(stored) == {ID} and "gone" not in data.accounts
     assert data.accounts[ID].tokens == pair
+
+
+async def test_an_expired_token_is_never_handed_out_when_someone_elses_refresh_is_not_visible(setup: Setup) -> None:
+    """access() after two rounds of 'skipped' (another replica refreshed, this view never caught up: a lost
+    LISTEN, a database restart): it reads the backend once more and, still seeing only the expired pair,
+    refuses with 503 state_unavailable instead of returning it (found by tests/test_replicas.py: a token
+    served 0.87 s past its exp)."""
+    manager = setup.manager(ScriptedAmo(), account())
+    skipped: list[str | None] = []
+    reloads: list[bool] = []
+
+    async def skip(account_id: str, *, seen: str | None = None) -> Outcome:
+        skipped.append(seen)
+        return Outcome(account_id, "skipped", setup.stored())
+
+    original_reload = manager.store.reload
+
+    async def reload() -> Any:
+        reloads.append(True)
+        return await original_reload()
+
+    manager.refresh = skip  # type: ignore[method-assign]
+    manager.store.reload = reload  # type: ignore[method-assign]
+    setup.clock.now = NOW + 3601  # the stored pair expired a second ago
+    with pytest.raises(StateUnavailable):
+        await manager.access(ID)
+    assert skipped == ["access-1", "access-1"] and reloads and setup.amo.sent == []
+    setup.vault.update(lambda data: data.accounts.__setitem__(ID, account(tokens=TokenPair(
+        "access-9", "refresh-9", expires_at=NOW + 7200, obtained_at=NOW + 3600))))
+    assert (await manager.access(ID)).access_token == "access-9"  # once the new pair is visible, it is served
