@@ -20,7 +20,9 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULES = ["vault", "atomic", "store", "manager", "locks", "auth", "ratelimit"]
+MODULES = ["vault", "atomic", "store", "manager", "locks", "auth", "ratelimit", "backends.postgres",
+           "backends.pg_locks", "backends.pg_rate", "backends.pg_answers", "backends.pg_schema"]
+WIDTH = 24  # the module column: "backends.pg_answers.py" and the like
 KILLED = {"killed", "timeout", "segfault", "caught by type check"}
 
 
@@ -48,8 +50,9 @@ def statuses() -> dict[str, str]:
 
 
 def module_of(mutant: str) -> str:
-    """`amo_gateway.vault.xǁVaultǁsave__mutmut_3` belongs to vault."""
-    return mutant.split(".")[1]
+    """`amo_gateway.vault.xǁVaultǁsave__mutmut_3` belongs to vault, `amo_gateway.backends.pg_rate.x…` to
+    backends.pg_rate: the dotted path between the package and the mutated function's name."""
+    return mutant.rsplit(".", 1)[0].removeprefix("amo_gateway.")
 
 
 def tally(found: dict[str, str]) -> dict[str, Counter[str]]:
@@ -68,17 +71,17 @@ def rate(counts: Counter[str]) -> float:
 
 def print_table(counts: dict[str, Counter[str]], target: float) -> list[str]:
     """One line per module; returns the modules below the target."""
-    print(f"{'module':<12}{'mutants':>8}{'killed':>8}{'survived':>9}{'no tests':>9}{'other':>7}{'kill rate':>11}")
+    print(f"{'module':<{WIDTH}}{'mutants':>8}{'killed':>8}{'survived':>9}{'no tests':>9}{'other':>7}{'kill rate':>11}")
     below = []
     for module, c in counts.items():
         killed = sum(c[s] for s in KILLED)
         other = sum(c.values()) - killed - c["survived"] - c["no tests"]
         flag = "" if rate(c) >= target else f"  < {target:g}%"
         below += [module] if flag else []
-        print(f"{module + '.py':<12}{sum(c.values()):>8}{killed:>8}{c['survived']:>9}{c['no tests']:>9}{other:>7}"
+        print(f"{module + '.py':<{WIDTH}}{sum(c.values()):>8}{killed:>8}{c['survived']:>9}{c['no tests']:>9}{other:>7}"
               f"{rate(c):>10.1f}%{flag}")
     overall: Counter[str] = sum(counts.values(), Counter())
-    print(f"{'all':<12}{sum(overall.values()):>8}{sum(overall[s] for s in KILLED):>8}{overall['survived']:>9}"
+    print(f"{'all':<{WIDTH}}{sum(overall.values()):>8}{sum(overall[s] for s in KILLED):>8}{overall['survived']:>9}"
           f"{overall['no tests']:>9}{'':>7}{rate(overall):>10.1f}%")
     return below
 
