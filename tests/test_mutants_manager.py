@@ -7,6 +7,7 @@ scripted per call, so each branch (skip, move, rejection, transient, the log eve
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,6 +24,8 @@ from amo_gateway.errors import (
     UpstreamRejected,
     UpstreamUnauthorized,
     UpstreamUnavailable,
+    VaultError,
+    VaultFull,
 )
 from amo_gateway.locks import RefreshLocks
 from amo_gateway.manager import REVOKED_HINT, Outcome, TokenManager, _apply, _claim
@@ -365,3 +368,43 @@ def test_apply_stores_every_result_even_after_a_forgotten_account() -> None:
     stored = _apply(data, [Outcome("gone", "refreshed", pair=pair), Outcome(ID, "refreshed", pair=pair)], 0.0)
     assert set(stored) == {ID} and "gone" not in data.accounts
     assert data.accounts[ID].tokens == pair
+
+
+class RefusingDisk(Store):
+    """The vault whose claim write the disk refuses (full, or not writable)."""
+
+    def __init__(self, vault: Vault, err: OSError) -> None:
+        super().__init__(vault)
+        self.err = err
+
+    async def claim(self, *args: Any, **kwargs: Any) -> Any:
+        raise self.err
+
+
+@pytest.mark.parametrize(("err", "result", "kind", "says"), [
+    (OSError(errno.ENOSPC, "No space left on device"), "refused_disk_full", VaultFull,
+     "the vault's disk has no room to store a refreshed pair: the refresh was not sent to amoCRM and the current "
+     "pair is kept; free some space"),
+    (OSError(errno.EACCES, "Permission denied"), "refused_vault_unwritable", VaultError,
+     "the vault could not be written (Permission denied): the refresh was not sent to amoCRM and the current pair "
+     "is kept"),
+])
+async def test_a_claim_the_disk_refuses_sends_nothing_and_says_why_for_every_account(
+        setup: Setup, caplog: pytest.LogCaptureFixture, err: OSError, result: str, kind: type[VaultError],
+        says: str) -> None:
+    """No room (or no write access) for the in-flight marker: no token leaves, each account is reported refused."""
+    caplog.set_level(logging.INFO, logger="amo_gateway.refresh")
+    setup.manager(ScriptedAmo(), account())
+    setup.vault.update(lambda data: data.accounts.__setitem__("43", account(account_id="43")))
+    amo = ScriptedAmo(answer(2), answer(3))
+    manager = TokenManager(RefusingDisk(setup.vault, err), amo, setup.locks, setup.clock,  # type: ignore[arg-type]
+                           margin=600)
+    seen: list[Outcome] = []
+    manager.observers.append(seen.append)
+    with pytest.raises(VaultError) as raised:
+        await manager.refresh_due([ID, "43"])
+    assert type(raised.value) is kind and raised.value.detail == says
+    assert amo.sent == []
+    assert seen == [Outcome(ID, result), Outcome("43", result)]
+    assert events(caplog) == [(logging.ERROR, f"refresh.{result}", {"accounts": f"{ID},43", "error": err.strerror,
+                                                                   "vault": str(setup.vault.path)})]
