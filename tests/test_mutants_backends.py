@@ -9,8 +9,13 @@ Idempotency-Key answers.
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import socket
 import time
+import types
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import psycopg
 import pytest
@@ -20,6 +25,7 @@ from amo_gateway.backends.pg_rate import SharedWindowLimiter
 from amo_gateway.backends.pg_schema import key_fp
 from amo_gateway.backends.postgres import PgStore
 from amo_gateway.errors import BadRequest, IdempotencyConflict, StateUnavailable
+from amo_gateway.manager import Outcome
 from amo_gateway.tokens import Account, PendingState, TokenPair, VaultData
 from amo_gateway.vault import KeyRing
 
@@ -208,3 +214,182 @@ async def test_shared_answers_without_their_database_say_so(opened: Opener) -> N
     await store.pool.close()
     with pytest.raises(StateUnavailable, match=r"^the shared Idempotency-Key answers are unreachable: "):
         await answers.forget("c", "k")
+
+
+# --- the in-process copy and the listener ---
+
+def _events(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str, dict[str, Any]]]:
+    return [(r.levelno, r.getMessage(), getattr(r, "fields", {})) for r in caplog.records
+            if r.name == "amo_gateway.state"]
+
+
+class Stop(Exception):
+    """Ends a loop that would otherwise run forever."""
+
+
+class Pauses:
+    """Stands in for the module's asyncio: records each pause, stops the loop after `limit` of them."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.taken: list[float] = []
+
+    async def sleep(self, seconds: float) -> None:
+        self.taken.append(seconds)
+        if len(self.taken) >= self.limit:
+            raise Stop
+
+
+def test_notes_from_others_mark_their_accounts_stale_and_our_own_are_ignored(keys: KeyRing) -> None:
+    store = PgStore("postgresql://nobody@127.0.0.1:1/none", keys)
+    store._all_stale, store._checked_at = False, 5.0
+    store._heard(json.dumps({"w": store._writer, "a": ["1"]}))
+    assert (store._stale, store._all_stale, store._checked_at, store._changed.is_set()) == (set(), False, 5.0, False)
+    store._heard(json.dumps({"w": "other", "a": ["1", 2]}))
+    assert (store._stale, store._all_stale, store._checked_at, store._changed.is_set()) == (
+        {"1", "2"}, False, float("-inf"), True)
+    store._heard(json.dumps({"w": "other"}))  # names nothing: nothing more to re-read
+    assert (store._stale, store._all_stale) == ({"1", "2"}, False)
+    store._heard(json.dumps({"w": "other", "all": True}))
+    assert store._all_stale is True
+    store._all_stale = False
+    store._heard("not json")  # a note nobody can read: re-read everything
+    assert store._all_stale is True
+
+
+async def test_a_change_too_big_for_one_note_tells_the_others_to_reread_everything(opened: Opener) -> None:
+    writer, reader = await opened(), await opened()
+    many = VaultData(accounts={f"account-{n:05}": _account(f"account-{n:05}") for n in range(600)})
+    assert len(json.dumps({"w": writer._writer, "a": list(many.accounts)})) > 8000  # over PostgreSQL's cap
+    assert json.loads(writer._payload(list(many.accounts))) == {"w": writer._writer, "all": True}
+    assert json.loads(writer._payload(["7"])) == {"w": writer._writer, "a": ["7"]}
+    await writer.import_all(many)
+    for _ in range(100):
+        if len((await reader.snapshot()).accounts) == 600:
+            break
+        await asyncio.sleep(0.05)
+    assert set((await reader.snapshot()).accounts) == set(many.accounts)
+
+
+async def test_waiting_for_a_change_polls_without_a_listener_and_ignores_an_old_wake_up(keys: KeyRing) -> None:
+    store = PgStore("postgresql://nobody@127.0.0.1:1/none", keys)
+    started = time.monotonic()
+    await store.wait_for_change(0.2)
+    assert 0.15 <= time.monotonic() - started < 2
+    store._listening = True
+    store._changed.set()  # a wake-up from before this wait began
+    waiter = asyncio.ensure_future(store.wait_for_change(0.01))
+    await asyncio.sleep(0.2)
+    assert not waiter.done()
+    store._heard(json.dumps({"w": "other", "a": ["1"]}))
+    await asyncio.wait_for(waiter, 2)
+
+
+async def test_a_listener_that_cannot_connect_retries_with_growing_pauses_up_to_ten_seconds(
+        keys: KeyRing, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="amo_gateway.state")
+    store = PgStore(f"postgresql://nobody@127.0.0.1:{_closed_port()}/none?connect_timeout=2", keys)
+    pauses = Pauses(7)
+    monkeypatch.setattr("amo_gateway.backends.postgres.asyncio", pauses)
+    store._listening, store._all_stale = True, False
+    with pytest.raises(Stop):
+        await store._listen()
+    assert pauses.taken == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+    assert (store._listening, store._all_stale, store._changed.is_set()) == (False, True, True)
+    lost = _events(caplog)
+    assert [(level, name, fields["retry_in"]) for level, name, fields in lost] == [
+        (logging.WARNING, "state.listener_lost", p) for p in pauses.taken]
+    assert "postgresql://nobody" not in str(lost)  # the connection string (it may carry a password) never leaks
+
+
+async def test_a_listener_that_connects_marks_everything_stale_and_wakes_the_waiters(opened: Opener) -> None:
+    store = await _listening(await opened())
+    assert store._all_stale is True and store._changed.is_set()
+
+
+async def _listening(store: PgStore) -> PgStore:
+    """The store once its listener is connected."""
+    for _ in range(200):
+        if store._listening:
+            return store
+        await asyncio.sleep(0.05)
+    raise AssertionError("the listener never connected")
+
+
+async def test_an_outcome_store_is_retried_with_doubling_pauses_within_half_the_lease(
+        keys: KeyRing, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The new pair exists nowhere else: a lost connection is retried (0.2 s, doubling, at most 2 s) until half
+    the lease has passed, then the error goes up."""
+    caplog.set_level(logging.WARNING, logger="amo_gateway.state")
+    clock = [100.0]
+    pauses = Pauses(1000)
+
+    async def pause(seconds: float) -> None:
+        await Pauses.sleep(pauses, seconds)
+        clock[0] += seconds
+
+    store = PgStore("postgresql://nobody@127.0.0.1:1/none", keys, lease_seconds=20)
+    monkeypatch.setattr("amo_gateway.backends.postgres.asyncio", types.SimpleNamespace(sleep=pause))
+    monkeypatch.setattr("amo_gateway.backends.postgres.time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    failures = [0]
+
+    async def failing(*_: Any, **__: Any) -> Any:
+        failures[0] += 1
+        raise StateUnavailable("the PostgreSQL state is unreachable: cut")
+
+    monkeypatch.setattr(store, "_change", failing)
+    with pytest.raises(StateUnavailable):
+        await store.store_outcomes([Outcome("1", "refreshed"), Outcome("2", "refreshed")], NOW)
+    assert pauses.taken == [0.2, 0.4, 0.8, 1.6, 2.0, 2.0, 2.0]  # 9.0 s; one more would pass 100 + 20 / 2
+    assert failures[0] == 8
+    assert _events(caplog)[0] == (logging.WARNING, "state.store_retry",
+                                  {"accounts": 2, "detail": "the PostgreSQL state is unreachable: cut"})
+    assert len(_events(caplog)) == 7
+
+    async def once_then_fine(*_: Any, **__: Any) -> Any:
+        failures[0] += 1
+        if failures[0] == 9:
+            raise StateUnavailable("cut again")
+        return {"1": _account("1")}
+
+    monkeypatch.setattr(store, "_change", once_then_fine)
+    pauses.taken.clear()
+    assert await store.store_outcomes([Outcome("1", "refreshed")], NOW) == {"1": _account("1")}
+    assert pauses.taken == [0.2]
+
+
+async def test_opening_migrates_once_and_a_closed_store_says_it_is_not_open(
+        opened: Opener, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="amo_gateway.state")
+    first = await opened()
+    assert _events(caplog) == [(logging.INFO, "state.migrated",
+                                {"applied": ["0001_state.sql", "0002_rate_sends.sql", "0003_idempotency.sql"]})]
+    await opened()
+    assert len(_events(caplog)) == 1  # the second replica finds every migration applied
+    assert first.where == "PostgreSQL (AMO_DATABASE_URL)"
+    await first.close()
+    with pytest.raises(StateUnavailable, match="the PostgreSQL state is not open"):
+        _ = first.pool
+    assert first._listener is not None and first._listener.cancelled()
+
+
+async def test_a_failed_catch_up_keeps_what_it_still_has_to_read(opened: Opener) -> None:
+    store = await _listening(await opened())
+    await store.put_account(_account("1"))
+    await store.reload()
+    store._stale, store._all_stale = {"1", "2"}, False
+    await store.pool.close()
+    with pytest.raises(StateUnavailable, match="the PostgreSQL state is unreachable"):
+        await store.reload()
+    assert store._stale == {"1", "2"} and store.degraded() == "the shared state's database is unreachable"
+    store._all_stale = True
+    with pytest.raises(StateUnavailable):
+        await store.reload()
+    assert store._all_stale is True and "1" in (await store.snapshot()).accounts  # the copy keeps serving
+
+
+def _closed_port() -> int:
+    """A loopback port nobody listens on (bound, then let go)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
