@@ -9,6 +9,7 @@ Idempotency-Key answers.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import socket
@@ -21,10 +22,11 @@ import psycopg
 import pytest
 from cryptography.fernet import Fernet
 
+from amo_gateway.backends.pg_locks import PgRefreshLocks
 from amo_gateway.backends.pg_rate import SharedWindowLimiter
-from amo_gateway.backends.pg_schema import key_fp
+from amo_gateway.backends.pg_schema import Sealer, describe, key_fp, open_pool
 from amo_gateway.backends.postgres import PgStore
-from amo_gateway.errors import BadRequest, IdempotencyConflict, StateUnavailable
+from amo_gateway.errors import BadRequest, IdempotencyConflict, StateUnavailable, VaultUndecryptable
 from amo_gateway.manager import Outcome
 from amo_gateway.tokens import Account, PendingState, TokenPair, VaultData
 from amo_gateway.vault import KeyRing
@@ -393,3 +395,119 @@ def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+# --- pg_schema: sealing, errors without secrets, the pool ---
+
+def test_a_row_sealed_under_a_new_key_reloads_the_ring_once(keys: KeyRing) -> None:
+    new = KeyRing([Fernet.generate_key().decode()])
+    sealed, fp = Sealer(new, None).seal({"a": 1, "b": "é"})
+    assert fp == key_fp(new.keys[0]) and Sealer(new, None).primary_fp == fp
+    reloads: list[int] = []
+    sealer = Sealer(keys, lambda: reloads.append(1) or new)
+    assert sealer.open(sealed, fp) == {"a": 1, "b": "é"}
+    assert reloads == [1] and sealer.keys is new and sealer.primary_fp == fp
+    assert sealer.open(sealed, fp) == {"a": 1, "b": "é"}
+    assert reloads == [1]  # a key it knows: no second reload
+    with pytest.raises(VaultUndecryptable, match="does not decrypt with the configured vault keys"):
+        Sealer(keys, None).open(sealed, fp)
+
+
+def test_a_key_fingerprint_names_the_key_in_16_hex_digits_without_revealing_it() -> None:
+    one, two = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+    assert key_fp(one) == hashlib.sha256(one.encode()).hexdigest()[:16]  # the format rows already carry
+    assert key_fp(one) != key_fp(two) and one[:16] != key_fp(one)
+
+
+def test_a_driver_error_is_one_line_without_the_connection_string() -> None:
+    assert describe(ValueError("  first line\nsecond line")) == "first line"
+    assert describe(ValueError("")) == "ValueError"
+    assert describe(ValueError("   ")) == "ValueError"
+    leaked = describe(ValueError("cannot reach postgresql://amo:s3cret@db/x or postgres://u:p@h/y now"))
+    assert leaked == "cannot reach postgresql://… or postgresql://… now"
+    assert describe(ValueError("x" * 400)) == "x" * 300
+
+
+async def test_a_pool_that_cannot_reach_its_database_says_so_without_the_password() -> None:
+    url = f"postgresql://amo:s3cret-pw@127.0.0.1:{_closed_port()}/none?connect_timeout=1"
+    started = time.monotonic()
+    with pytest.raises(StateUnavailable) as refused:
+        await open_pool(url, wait=1.0)
+    assert time.monotonic() - started < 10
+    assert refused.value.detail.startswith("cannot reach the PostgreSQL database of AMO_DATABASE_URL: ")
+    assert "s3cret-pw" not in refused.value.detail
+
+
+async def test_the_pool_checks_connections_and_grows_to_its_size(database_url: str) -> None:
+    pool = await open_pool(database_url, max_size=3)
+    try:
+        assert (pool.min_size, pool.max_size, pool.name) == (1, 3, "amo-gateway")
+        conns = [await pool.getconn() for _ in range(3)]
+        for conn in conns:
+            await pool.putconn(conn)
+    finally:
+        await pool.close()
+
+
+# --- pg_locks: leases across replicas ---
+
+async def test_a_lease_belongs_to_its_holder_and_outlives_a_holder_that_never_gave_it_back(opened: Opener) -> None:
+    store = await opened()
+    one, two = PgRefreshLocks(store.pool, 0.5), PgRefreshLocks(store.pool, 0.5)
+    assert await one.try_hold("1") is True
+    assert await two.try_hold("1") is False
+    assert not two._local("1").locked()  # refused: this replica's own lock was given back
+    await two._give_back("1")  # only the holder's release deletes a lease
+    assert await two.try_hold("1") is False
+    await asyncio.sleep(0.6)  # one "died" holding it: its lease expires
+    assert await two.try_hold("1") is True
+    await two.release("1")
+    assert not two._local("1").locked()
+    assert await two.try_hold_many(["1", "1", "2"]) == ["1", "2"]
+    assert await one.try_hold_many(["1", "2", "3"]) == ["3"]
+    assert [one._local(a).locked() for a in "123"] == [True, False, True]  # "1" since its first try_hold
+    await two.release_many(["1", "2"])
+    assert not two._local("1").locked() and not two._local("2").locked()
+    assert await PgRefreshLocks(store.pool, 0.5).try_hold_many(["1", "2"]) == ["1", "2"]
+
+
+async def test_hold_waits_for_another_replicas_lease_then_takes_it(opened: Opener) -> None:
+    store = await opened()
+    one, two = PgRefreshLocks(store.pool, 30), PgRefreshLocks(store.pool, 30)
+    assert await one.try_hold("1") is True
+    entered: list[float] = []
+
+    async def wait_for_it() -> None:
+        async with two.hold("1"):
+            entered.append(time.monotonic())
+
+    waiter = asyncio.ensure_future(wait_for_it())
+    await asyncio.sleep(0.3)
+    assert entered == []
+    released = time.monotonic()
+    await one.release("1")
+    await asyncio.wait_for(waiter, 5)
+    assert 0 <= entered[0] - released < 2
+    assert await one.try_hold("1") is True  # hold gave its lease back on the way out
+
+
+async def test_leases_without_their_database_fail_loudly_or_are_left_to_expire(
+        opened: Opener, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="amo_gateway.state")
+    store = await opened()
+    locks = PgRefreshLocks(store.pool, 7)
+    assert await locks.try_hold("1") is True
+    assert await locks.try_hold_many(["2", "3"]) == ["2", "3"]
+    await store.pool.close()
+    await locks.release("1")
+    await locks.release_many(["2", "3"])
+    assert not any(locks._local(a).locked() for a in "123")
+    assert [(lvl, name, {k: v for k, v in f.items() if k != "detail"}) for lvl, name, f in _events(caplog)] == [
+        (logging.WARNING, "state.lease_kept", {"account": "1", "expires_in": 7}),
+        (logging.WARNING, "state.lease_kept", {"accounts": 2, "expires_in": 7})]
+    assert all(f["detail"] for _, _, f in _events(caplog))
+    with pytest.raises(StateUnavailable, match=r"^the database is unreachable: "):
+        await locks.try_hold("4")
+    with pytest.raises(StateUnavailable, match=r"^the database is unreachable: "):
+        await locks.try_hold_many(["5", "6"])
+    assert not any(locks._local(a).locked() for a in "456")

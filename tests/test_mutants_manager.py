@@ -408,3 +408,28 @@ async def test_a_claim_the_disk_refuses_sends_nothing_and_says_why_for_every_acc
     assert seen == [Outcome(ID, result), Outcome("43", result)]
     assert events(caplog) == [(logging.ERROR, f"refresh.{result}", {"accounts": f"{ID},43", "error": err.strerror,
                                                                    "vault": str(setup.vault.path)})]
+
+
+LONG_HOST = "x" * 250 + ".attacker.example"
+
+
+@pytest.mark.parametrize(("changes", "where", "role", "logged", "lookups"), [
+    ({"api_domain": "api.attacker.example"}, {"domain": "new.amocrm.ru"}, "api_domain", "api.attacker.example", 0),
+    ({}, {"domain": "new.attacker.example", "subdomain": "new"}, "new_host", "new.attacker.example", 1),
+    ({}, {"domain": LONG_HOST}, "new_host", LONG_HOST[:253], 1),
+], ids=["api-domain", "new-host", "long-host"])
+async def test_a_host_outside_the_allowed_base_domains_is_never_contacted_and_is_logged(
+        setup: Setup, caplog: pytest.LogCaptureFixture, changes: dict[str, Any], where: dict[str, Any], role: str,
+        logged: str, lookups: int) -> None:
+    """api_domain comes from an unverified JWT claim, the lookup's answer from that host: neither may receive a
+    token unless it is `{sub}.{allowed base domain}`; the refusal is logged with the host, cut at 253 characters."""
+    caplog.set_level(logging.INFO, logger="amo_gateway.refresh")
+    manager = setup.manager(ScriptedAmo(UpstreamNotFound("gone"), answer(2), where=where), account(**changes))
+    outcome = await manager.refresh(ID)
+    assert setup.amo.sent == [(OLD_HOST, "refresh-1")] and len(setup.amo.lookups) == lookups
+    assert outcome.result == "reauth" and outcome.moved_to is None
+    assert setup.stored().base_url == OLD_HOST
+    refused = [e for e in events(caplog) if e[1] == "account.move_refused"]
+    assert refused == [(logging.WARNING, "account.move_refused", {
+        "account": ID, "role": role, "host": logged,
+        "detail": "not an amoCRM/Kommo host from AMO_ALLOWED_BASE_DOMAINS; account left as it was"})]
