@@ -25,7 +25,7 @@ from cryptography.fernet import Fernet
 from amo_gateway.backends.pg_locks import PgRefreshLocks
 from amo_gateway.backends.pg_rate import SharedWindowLimiter
 from amo_gateway.backends.pg_schema import Sealer, describe, key_fp, open_pool
-from amo_gateway.backends.postgres import PgStore
+from amo_gateway.backends.postgres import RECHECK, PgStore
 from amo_gateway.errors import BadRequest, IdempotencyConflict, StateUnavailable, VaultUndecryptable
 from amo_gateway.manager import Outcome
 from amo_gateway.tokens import Account, PendingState, TokenPair, VaultData
@@ -511,3 +511,29 @@ async def test_leases_without_their_database_fail_loudly_or_are_left_to_expire(
     with pytest.raises(StateUnavailable, match=r"^the database is unreachable: "):
         await locks.try_hold_many(["5", "6"])
     assert not any(locks._local(a).locked() for a in "456")
+
+
+async def test_reads_query_nothing_while_nothing_was_announced_and_catch_up_at_most_every_recheck(
+        opened: Opener) -> None:
+    store = await _listening(await opened())
+    await store.put_account(_account("1"))
+    await store.reload()
+    fetched: list[Any] = []
+    original = store._fetch
+
+    async def counting(query: Any, params: Any) -> Any:
+        fetched.append(params)
+        return await original(query, params)
+
+    store._fetch = counting  # type: ignore[method-assign]
+    for _ in range(20):
+        assert (await store.account("1")) is not None
+    assert fetched == []  # the listener is up and nobody announced a change: the copy is current
+    await store.snapshot()
+    store._stale = {"1"}  # announced, but the last catch-up was a moment ago
+    store._checked_at = time.monotonic()
+    await store.snapshot()
+    assert fetched == []
+    await asyncio.sleep(RECHECK + 0.02)
+    await store.snapshot()
+    assert fetched == [(["1"],)] and store._stale == set()
