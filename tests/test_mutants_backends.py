@@ -100,6 +100,13 @@ async def test_reseal_moves_every_row_to_the_primary_key_in_batches_and_counts_t
     assert set(after.accounts) == {"0", "1", "2"} and set(after.states) == {"s1", "s2"}
 
 
+async def test_a_state_added_again_under_its_key_replaces_the_first(opened: Opener) -> None:
+    store = await opened()
+    await store.add_state("k", _pending("first"), NOW)
+    await store.add_state("k", _pending("second"), NOW + 1)
+    assert await (await opened()).peek_state("k") == _pending("second")
+
+
 # --- the shared amoCRM budget ---
 
 async def test_a_shared_window_admits_its_limit_then_names_the_wait_until_the_oldest_send_leaves(

@@ -114,3 +114,24 @@ async def test_undecryptable_vault_without_new_keys_still_fails_loudly(paths: Pa
     for store in (Store(Vault(paths, keys)), Store(Vault(paths, keys), lambda: keys)):
         with pytest.raises(VaultUndecryptable):
             await store.snapshot()
+
+
+async def test_waiting_for_a_change_sleeps_while_the_file_is_unchanged(paths: Path, keys: KeyRing) -> None:
+    """A store that has read nothing yet, and one that has read the file as it is: both sleep until a write."""
+    Vault(paths, keys).update(_add("1"))  # type: ignore[arg-type]
+    fresh, read = Store(Vault(paths, keys)), Store(Vault(paths, keys))
+    await read.snapshot()
+    waiters = [asyncio.ensure_future(s.wait_for_change(0.01)) for s in (fresh, read)]
+    await asyncio.sleep(0.3)
+    assert not any(w.done() for w in waiters)
+    Vault(paths, keys).update(_add("2"))  # type: ignore[arg-type]
+    await asyncio.wait_for(asyncio.gather(*waiters), 5)
+
+
+async def test_a_write_between_the_last_read_and_the_wait_wakes_it_at_once(paths: Path, keys: KeyRing) -> None:
+    """The refresher planned from what it read; a write that lands before it starts waiting must still wake it."""
+    Vault(paths, keys).update(_add("1"))  # type: ignore[arg-type]
+    store = Store(Vault(paths, keys))
+    await store.snapshot()
+    Vault(paths, keys).update(_add("2"))  # type: ignore[arg-type]
+    await asyncio.wait_for(store.wait_for_change(0.01), 2)
