@@ -107,6 +107,42 @@ async def test_a_state_added_again_under_its_key_replaces_the_first(opened: Open
     assert await (await opened()).peek_state("k") == _pending("second")
 
 
+async def test_reseal_waits_briefly_for_a_row_in_use_and_keeps_its_transactions_short(
+        opened: Opener, database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row a replica holds is skipped (SKIP LOCKED), and reseal pauses between passes instead of spinning;
+    no pass re-encrypts more than `batch` rows."""
+    old, new = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+    before = await opened(KeyRing([old]))
+    for n in range(3):
+        await before.put_account(_account(str(n)))
+    rotated = await opened(KeyRing([new, old]))
+    locker = await psycopg.AsyncConnection.connect(database_url)
+    await locker.execute("SELECT 1 FROM amo_accounts WHERE account_id = '1' FOR UPDATE")
+    pauses: list[float] = []
+    passes: list[int] = []
+    original = rotated._reseal_batch
+
+    async def one_pass(table: str, key: str, batch: int) -> int:
+        assert len(passes) < 50, "reseal spins without pausing"
+        passes.append(await original(table, key, batch))
+        return passes[-1]
+
+    async def pause(seconds: float) -> None:
+        assert 0 < seconds <= 0.1, seconds
+        pauses.append(seconds)
+        if len(pauses) == 3:
+            await locker.commit()  # the replica is done with its row
+
+    monkeypatch.setattr(rotated, "_reseal_batch", one_pass)
+    monkeypatch.setattr("amo_gateway.backends.postgres.asyncio", types.SimpleNamespace(sleep=pause))
+    try:
+        assert await rotated.reseal(batch=1) == 3
+    finally:
+        await locker.close()
+    assert len(pauses) == 3 and max(passes) == 1
+    assert _key_fps(database_url) == {key_fp(new)}
+
+
 # --- the shared amoCRM budget ---
 
 async def test_a_shared_window_admits_its_limit_then_names_the_wait_until_the_oldest_send_leaves(
