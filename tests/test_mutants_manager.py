@@ -433,3 +433,12 @@ async def test_a_host_outside_the_allowed_base_domains_is_never_contacted_and_is
     assert refused == [(logging.WARNING, "account.move_refused", {
         "account": ID, "role": role, "host": logged,
         "detail": "not an amoCRM/Kommo host from AMO_ALLOWED_BASE_DOMAINS; account left as it was"})]
+
+
+async def test_a_lookup_that_names_no_domain_refuses_no_host(setup: Setup, caplog: pytest.LogCaptureFixture) -> None:
+    """No domain in the answer means no move: nothing is contacted, and no host is reported as refused."""
+    caplog.set_level(logging.INFO, logger="amo_gateway.refresh")
+    manager = setup.manager(ScriptedAmo(UpstreamNotFound("gone"), answer(2), where={"subdomain": "other"}), account())
+    outcome = await manager.refresh(ID)
+    assert outcome.result == "reauth" and setup.amo.sent == [(OLD_HOST, "refresh-1")]
+    assert [e[1] for e in events(caplog) if e[1].startswith("account.")] == []
