@@ -50,8 +50,8 @@ async def opened(database_url: str, keys: KeyRing) -> AsyncIterator[Opener]:
     """Opens PgStores on the test's database (the test's key ring unless told otherwise); closes them after."""
     stores: list[PgStore] = []
 
-    async def open_store(ring: KeyRing | None = None) -> PgStore:
-        store = PgStore(database_url, ring or keys, lease_seconds=5)
+    async def open_store(ring: KeyRing | None = None, key_source: Callable[[], KeyRing] | None = None) -> PgStore:
+        store = PgStore(database_url, ring or keys, key_source, lease_seconds=5)
         await store.open()
         stores.append(store)
         return store
@@ -92,10 +92,15 @@ async def test_reseal_moves_every_row_to_the_primary_key_in_batches_and_counts_t
     await before.add_state("s1", _pending("1"), NOW)
     await before.add_state("s2", _pending("2"), NOW)
     assert _key_fps(database_url) == {key_fp(old)}
-    rotated = await opened(KeyRing([new, old]))
+    reloads: list[int] = []
+    rotated = await opened(KeyRing([new, old]), lambda: reloads.append(1) or KeyRing([new, old]))
     assert await rotated.reseal(batch=2) == 5  # 2 + 1 accounts, then 2 states
     assert _key_fps(database_url) == {key_fp(new)}
     assert await rotated.reseal(batch=2) == 0
+    assert reloads == []  # every row was under a key the ring holds: the key file was not read again
+    await rotated.pool.close()
+    with pytest.raises(StateUnavailable, match=r"^the PostgreSQL state is unreachable: " + CLOSED):
+        await rotated.reseal()
     after = await (await opened(KeyRing([new]))).export_all()  # the old key is no longer needed for any row
     assert set(after.accounts) == {"0", "1", "2"} and set(after.states) == {"s1", "s2"}
 
