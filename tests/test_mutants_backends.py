@@ -26,6 +26,7 @@ from amo_gateway.backends.pg_locks import PgRefreshLocks
 from amo_gateway.backends.pg_rate import SharedWindowLimiter
 from amo_gateway.backends.pg_schema import Sealer, describe, key_fp, open_pool
 from amo_gateway.backends.postgres import RECHECK, PgStore
+from amo_gateway.backends.postgres import opened as opened_store
 from amo_gateway.errors import BadRequest, IdempotencyConflict, StateUnavailable, VaultUndecryptable
 from amo_gateway.manager import Outcome
 from amo_gateway.tokens import Account, PendingState, TokenPair, VaultData
@@ -601,3 +602,55 @@ async def test_reads_query_nothing_while_nothing_was_announced_and_catch_up_at_m
     await asyncio.sleep(RECHECK + 0.02)
     await store.snapshot()
     assert fetched == [(["1"],)] and store._stale == set()
+
+
+async def test_our_own_write_is_in_the_copy_at_once(opened: Opener) -> None:
+    """Readers of this process see its committed write before any catch-up (the copy is changed in place)."""
+    store = await opened()
+    copy = store._data
+    assert copy is not None
+    await store.put_account(_account("9"))
+    assert store._data is copy and copy.accounts["9"] == _account("9")
+    await store.forget("9")
+    assert "9" not in copy.accounts
+
+
+async def test_a_database_lost_on_the_read_path_is_logged_once_and_the_copy_keeps_serving(
+        opened: Opener, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="amo_gateway.state")
+    store = await _listening(await opened())
+    await store.put_account(_account("1"))
+    await store.reload()
+    await store.pool.close()
+    caplog.clear()
+    for _ in range(3):
+        store._stale, store._checked_at = {"1"}, float("-inf")  # announced: the read tries to catch up
+        assert "1" in (await store.snapshot()).accounts
+        await asyncio.sleep(0)
+    assert _events(caplog) == [(logging.ERROR, "state.unreachable", {
+        "detail": "the PostgreSQL state is unreachable: the pool 'amo-gateway' is already closed",
+        "serving": "cached accounts until their access tokens expire"})]
+    assert store.degraded() is not None
+    assert store._retry is not None  # while unhealthy, catching up is left to one background task
+
+
+async def test_a_migration_the_database_refuses_says_so(
+        opened: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def refused(_: Any) -> list[str]:
+        raise psycopg.OperationalError("permission denied for schema public")
+
+    monkeypatch.setattr("amo_gateway.backends.postgres.migrate", refused)
+    with pytest.raises(StateUnavailable) as raised:
+        await opened()
+    assert raised.value.detail == "cannot migrate the PostgreSQL state: permission denied for schema public"
+
+
+async def test_an_operator_tool_gets_a_migrated_and_read_store_that_is_closed_afterwards(
+        database_url: str, keys: KeyRing) -> None:
+    async with opened_store(database_url, keys) as store:
+        await store.put_account(_account("7"))
+        assert set((await store.snapshot()).accounts) == {"7"}
+    with pytest.raises(StateUnavailable, match="not open"):
+        _ = store.pool
+    async with opened_store(database_url, keys) as again:
+        assert set((await again.snapshot()).accounts) == {"7"}  # read on opening
