@@ -503,13 +503,21 @@ async def test_a_pool_that_cannot_reach_its_database_says_so_without_the_passwor
     assert "s3cret-pw" not in refused.value.detail
 
 
-async def test_the_pool_checks_connections_and_grows_to_its_size(database_url: str) -> None:
+async def test_the_pool_checks_connections_and_grows_to_its_size(database_url: str, postgres: Any) -> None:
+    """A database restart costs a failed check, not a failed query: a connection the server cut is replaced."""
     pool = await open_pool(database_url, max_size=3)
     try:
         assert (pool.min_size, pool.max_size, pool.name) == (1, 3, "amo-gateway")
+        assert (pool.timeout, pool.reconnect_timeout) == (10.0, 60.0)  # waits for a connection; retries a minute
         conns = [await pool.getconn() for _ in range(3)]
         for conn in conns:
             await pool.putconn(conn)
+        with psycopg.connect(postgres.admin_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                          (database_url.rsplit("/", 1)[1],))
+        for _ in range(3):
+            async with pool.connection() as conn:
+                assert await (await conn.execute("SELECT 1")).fetchone() == (1,)
     finally:
         await pool.close()
 
