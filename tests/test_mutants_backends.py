@@ -77,7 +77,9 @@ async def test_import_adds_every_record_keeps_the_rest_and_export_returns_them_a
     incoming = VaultData(accounts={"7": _account("7"), "8": _account("8")}, states={"s": _pending("s")},
                          exchange_slots={"login": NOW + 300})
     await store.import_all(incoming)
-    exported = await (await opened()).export_all()
+    reloads: list[int] = []
+    exported = await (await opened(None, lambda: reloads.append(1) or store.keys)).export_all()
+    assert reloads == []  # every row under a key the ring holds: no key file read per row
     assert exported.accounts == {"7": _account("7"), "8": _account("8"), "9": _account("9")}
     assert exported.states == {"s": _pending("s"), "kept": _pending("kept")}
     assert exported.exchange_slots == {"login": NOW + 300}
