@@ -15,7 +15,7 @@ from cryptography.fernet import Fernet
 from amo_gateway import store as store_module
 from amo_gateway.errors import VaultUndecryptable
 from amo_gateway.store import RECHECK, Store
-from amo_gateway.tokens import Account, VaultData
+from amo_gateway.tokens import Account, PendingState, VaultData
 from amo_gateway.vault import KeyRing, Vault
 
 
@@ -135,3 +135,25 @@ async def test_a_write_between_the_last_read_and_the_wait_wakes_it_at_once(paths
     await store.snapshot()
     Vault(paths, keys).update(_add("2"))  # type: ignore[arg-type]
     await asyncio.wait_for(store.wait_for_change(0.01), 2)
+
+
+def _add_state(key: str) -> object:
+    def change(data: VaultData) -> None:
+        data.states[key] = PendingState("authorize", 1.0, 2e9, label=key)
+    return change
+
+
+async def test_a_state_is_peeked_from_memory_and_a_miss_rechecks_the_file(
+        paths: Path, keys: KeyRing, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hit costs no stat; a state issued a moment ago by another process is still found (one recheck)."""
+    monkeypatch.setattr(store_module, "RECHECK", 60.0)
+    vault = Counting(paths, keys)
+    vault.update(_add_state("mine"))  # type: ignore[arg-type]
+    store = Store(vault)
+    await store.snapshot()
+    stats = vault.stats
+    assert await store.peek_state("mine") == PendingState("authorize", 1.0, 2e9, label="mine")
+    assert vault.stats == stats  # served from memory
+    Vault(paths, keys).update(_add_state("theirs"))  # type: ignore[arg-type]
+    assert await store.peek_state("theirs") == PendingState("authorize", 1.0, 2e9, label="theirs")
+    assert await store.peek_state("nobody's") is None
