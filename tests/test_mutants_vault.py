@@ -157,3 +157,11 @@ def test_decode_reads_a_backup_with_the_vaults_keys_and_leaves_the_vault_file_al
     assert live.path.read_bytes() == before
     with pytest.raises(VaultUndecryptable, match="does not decrypt with the configured keys"):
         Vault(live.path, KeyRing([Fernet.generate_key().decode()])).decode(backup.path.read_bytes())
+
+
+def test_a_key_file_that_is_not_text_is_named_in_the_error(tmp_path: Path) -> None:
+    path = tmp_path / "vault.key"
+    path.write_bytes(b"\xff\xfe not a key\n")
+    with pytest.raises(ConfigError) as refused:
+        load_keyring(path, None, None)
+    assert refused.value.detail == f"cannot read vault key file {path}: not UTF-8 text"
