@@ -664,3 +664,22 @@ async def test_an_operator_tool_gets_a_migrated_and_read_store_that_is_closed_af
         _ = store.pool
     async with opened_store(database_url, keys) as again:
         assert set((await again.snapshot()).accounts) == {"7"}  # read on opening
+
+
+async def test_a_batch_claim_passes_over_a_row_in_use_and_a_waiting_claim_waits_for_it(
+        opened: Opener, database_url: str) -> None:
+    store = await opened()
+    for account_id in ("1", "2"):
+        await store.put_account(_account(account_id))
+    locker = await psycopg.AsyncConnection.connect(database_url)
+    try:
+        await locker.execute("SELECT 1 FROM amo_accounts WHERE account_id = '1' FOR UPDATE")
+        claims = await asyncio.wait_for(store.claim(["1", "2"], NOW + 3500, 600, None, skip_locked=True), 5)
+        assert [c[0].account_id for c in claims] == ["2"]
+        waiting = asyncio.ensure_future(store.claim(["1"], NOW + 3500, 600, None, skip_locked=False))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        await locker.commit()
+        assert [c[0].account_id for c in await asyncio.wait_for(waiting, 5)] == ["1"]
+    finally:
+        await locker.close()

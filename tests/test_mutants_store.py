@@ -7,13 +7,15 @@ from the file's point of view.
 from __future__ import annotations
 
 import asyncio
+import errno
 from pathlib import Path
 
 import pytest
 from cryptography.fernet import Fernet
 
 from amo_gateway import store as store_module
-from amo_gateway.errors import VaultUndecryptable
+from amo_gateway.errors import IdempotencyConflict, UpstreamUnavailable, VaultUndecryptable
+from amo_gateway.manager import Outcome
 from amo_gateway.store import RECHECK, Store
 from amo_gateway.tokens import Account, PendingState, VaultData
 from amo_gateway.vault import KeyRing, Vault
@@ -157,3 +159,42 @@ async def test_a_state_is_peeked_from_memory_and_a_miss_rechecks_the_file(
     Vault(paths, keys).update(_add_state("theirs"))  # type: ignore[arg-type]
     assert await store.peek_state("theirs") == PendingState("authorize", 1.0, 2e9, label="theirs")
     assert await store.peek_state("nobody's") is None
+
+
+async def test_the_file_backends_answers_keep_their_window_byte_cap_and_eviction_callback(
+        paths: Path, keys: KeyRing) -> None:
+    evicted: list[int] = []
+    answers = Store(Vault(paths, keys)).answers(0.3, 10, on_evict=lambda: evicted.append(1))
+    for key in ("a", "b"):
+        assert await answers.begin("c", key, "fp") is None
+        await answers.finish("c", key, 200, (), b"x" * 8)
+    assert evicted == [1] and answers.size == 8  # two 8-byte answers do not fit under 10 bytes: "a" lost its body
+    with pytest.raises(IdempotencyConflict, match="evicted"):
+        await answers.begin("c", "a", "fp")
+    replay = await answers.begin("c", "b", "fp")
+    assert replay is not None and replay.body == b"x" * 8
+    await asyncio.sleep(0.35)
+    assert await answers.begin("c", "b", "fp") is None  # the window has passed: the key is free again
+
+
+async def test_storing_what_amocrm_answered_may_spend_the_disk_reserve(
+        paths: Path, keys: KeyRing, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The answer exists nowhere else: a full disk frees the reserve and the write is tried again."""
+    vault = Vault(paths, keys)
+    vault.update(_add("1"))  # type: ignore[arg-type]
+    vault.reserve.ensure()
+    saves = [0]
+    save = vault.save
+
+    def full_once(data: VaultData) -> None:
+        saves[0] += 1
+        if saves[0] == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        save(data)
+
+    monkeypatch.setattr(vault, "save", full_once)
+    failure = Outcome("1", "transient", error=UpstreamUnavailable("amoCRM failed with HTTP 502"))
+    stored = await Store(vault).store_outcomes([failure], 1234.0)
+    assert stored["1"].failing_since == 1234.0 and stored["1"].last_error == "amoCRM failed with HTTP 502"
+    assert saves[0] == 2 and not vault.reserve.path.exists()
+    assert Vault(paths, keys).load().accounts["1"].failing_since == 1234.0
