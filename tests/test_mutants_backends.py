@@ -27,7 +27,13 @@ from amo_gateway.backends.pg_rate import SharedWindowLimiter
 from amo_gateway.backends.pg_schema import Sealer, describe, key_fp, open_pool
 from amo_gateway.backends.postgres import RECHECK, PgStore
 from amo_gateway.backends.postgres import opened as opened_store
-from amo_gateway.errors import BadRequest, IdempotencyConflict, StateUnavailable, VaultUndecryptable
+from amo_gateway.errors import (
+    BadRequest,
+    IdempotencyConflict,
+    StateUnavailable,
+    UpstreamUnavailable,
+    VaultUndecryptable,
+)
 from amo_gateway.manager import Outcome
 from amo_gateway.tokens import Account, PendingState, TokenPair, VaultData
 from amo_gateway.vault import KeyRing
@@ -683,3 +689,13 @@ async def test_a_batch_claim_passes_over_a_row_in_use_and_a_waiting_claim_waits_
         assert [c[0].account_id for c in await asyncio.wait_for(waiting, 5)] == ["1"]
     finally:
         await locker.close()
+
+
+async def test_a_transient_failure_stored_in_the_database_records_when_failing_began(opened: Opener) -> None:
+    store = await opened()
+    await store.put_account(_account("1"))
+    await store.claim(["1"], NOW + 3500, 600, None, skip_locked=True)
+    failure = Outcome("1", "transient", error=UpstreamUnavailable("amoCRM failed with HTTP 502"))
+    stored = await store.store_outcomes([failure], NOW + 3501)
+    assert (stored["1"].failing_since, stored["1"].last_error) == (NOW + 3501, "amoCRM failed with HTTP 502")
+    assert (await (await opened()).reload()).accounts["1"].failing_since == NOW + 3501
