@@ -198,3 +198,12 @@ async def test_storing_what_amocrm_answered_may_spend_the_disk_reserve(
     assert stored["1"].failing_since == 1234.0 and stored["1"].last_error == "amoCRM failed with HTTP 502"
     assert saves[0] == 2 and not vault.reserve.path.exists()
     assert Vault(paths, keys).load().accounts["1"].failing_since == 1234.0
+
+
+async def test_a_claim_first_puts_the_disk_reserve_in_place(paths: Path, keys: KeyRing) -> None:
+    """Before a refresh is sent, room for its answer is set aside (the reserve the answer's write may spend)."""
+    vault = Vault(paths, keys)
+    vault.update(_add("1"))  # type: ignore[arg-type]
+    assert not vault.reserve.path.exists()
+    await Store(vault).claim(["1"], 0.0, 600, None, skip_locked=False)
+    assert vault.reserve.path.stat().st_size >= vault.reserve.needed()
