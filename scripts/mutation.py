@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -39,6 +43,28 @@ def run_all(max_children: int) -> int:
         return status
     again = sorted(name for name, state in statuses().items() if state not in KILLED)
     return run_mutmut(max_children, again) if again else 0
+
+
+def stop_left_servers(pg_dir: Path) -> int:
+    """Stop the throwaway PostgreSQL servers (tests/pg.py) of test runs mutmut killed on a timeout.
+
+    A killed pytest never reaches its fixture's teardown, so its server would run on; every test server of
+    this run lives under `pg_dir` (AMO_TEST_PG_DIR), and nothing else does. Returns how many were stopped.
+    """
+    stopped = 0
+    for pid_file in pg_dir.glob("*/data/postmaster.pid"):
+        try:
+            pid = int(pid_file.read_text().split()[0])
+            os.kill(pid, signal.SIGQUIT)  # PostgreSQL's immediate shutdown
+        except (OSError, ValueError, IndexError):
+            continue
+        for _ in range(100):
+            if not pid_file.exists():
+                break
+            time.sleep(0.1)
+        stopped += 1
+    shutil.rmtree(pg_dir, ignore_errors=True)
+    return stopped
 
 
 def statuses() -> dict[str, str]:
@@ -96,9 +122,19 @@ def main() -> int:
     args = parser.parse_args()
     if args.fresh:
         shutil.rmtree(ROOT / "mutants", ignore_errors=True)
-    if not args.no_run and run_all(args.max_children) != 0:
-        print("mutmut run failed (see above)", file=sys.stderr)
-        return 2
+    if not args.no_run:
+        pg_dir = Path(tempfile.mkdtemp(prefix="amo-mutation-pg-"))
+        pg_dir.chmod(0o711)  # the servers run as `nobody` under root (tests/pg.py): they must reach their dirs
+        os.environ["AMO_TEST_PG_DIR"] = str(pg_dir)
+        try:
+            status = run_all(args.max_children)
+        finally:
+            left = stop_left_servers(pg_dir)
+        if left:
+            print(f"stopped {left} test PostgreSQL server(s) left by killed test runs")
+        if status != 0:
+            print("mutmut run failed (see above)", file=sys.stderr)
+            return 2
     found = statuses()
     counts = tally(found)
     below = print_table(counts, args.target)

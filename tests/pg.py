@@ -57,7 +57,8 @@ class ThrowawayPostgres:
 
     def __init__(self, bindir: Path) -> None:
         self.bindir = bindir
-        self.root = Path(tempfile.mkdtemp(prefix="amo-pg-"))
+        # AMO_TEST_PG_DIR: where scripts/mutation.py finds the servers of test runs it killed on a timeout
+        self.root = Path(tempfile.mkdtemp(prefix="amo-pg-", dir=os.environ.get("AMO_TEST_PG_DIR")))
         self.data = self.root / "data"
         self.port = _free_port()
         self._as_nobody = os.geteuid() == 0
