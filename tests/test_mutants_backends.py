@@ -86,6 +86,8 @@ async def test_import_adds_every_record_keeps_the_rest_and_export_returns_them_a
     reloads: list[int] = []
     exported = await (await opened(None, lambda: reloads.append(1) or store.keys)).export_all()
     assert reloads == []  # every row under a key the ring holds: no key file read per row
+    assert await (await opened(None, lambda: reloads.append(1) or store.keys)).peek_state("s") == _pending("s")
+    assert reloads == []
     assert exported.accounts == {"7": _account("7"), "8": _account("8"), "9": _account("9")}
     assert exported.states == {"s": _pending("s"), "kept": _pending("kept")}
     assert exported.exchange_slots == {"login": NOW + 300}
@@ -700,3 +702,29 @@ async def test_a_transient_failure_stored_in_the_database_records_when_failing_b
     stored = await store.store_outcomes([failure], NOW + 3501)
     assert (stored["1"].failing_since, stored["1"].last_error) == (NOW + 3501, "amoCRM failed with HTTP 502")
     assert (await (await opened()).reload()).accounts["1"].failing_since == NOW + 3501
+
+
+async def test_an_account_added_or_forgotten_by_another_replica_is_caught_up_from_its_note(opened: Opener) -> None:
+    reader, writer = await _listening(await opened()), await opened()
+    await reader.reload()
+
+    async def seen_after_note(account_id: str) -> bool:
+        for _ in range(200):  # until the NOTIFY names the account
+            if account_id in reader._stale:
+                break
+            await asyncio.sleep(0.02)
+        reader._checked_at = float("-inf")
+        return account_id in (await reader.snapshot()).accounts
+
+    await writer.put_account(_account("9"))
+    assert await seen_after_note("9") is True  # an account this replica had never seen
+    await writer.forget("9")
+    assert await seen_after_note("9") is False  # and gone again
+
+
+async def test_reserving_an_exchange_drops_spent_slots_and_expired_states(opened: Opener) -> None:
+    store = await opened()
+    await store.reserve_exchange("a", NOW, NOW + 300, "s1", _pending("1"))
+    await store.reserve_exchange("b", NOW + 700, NOW + 1000, "s2", _pending("2"))  # "a" spent, "s1" expired
+    exported = await store.export_all()
+    assert exported.exchange_slots == {"b": NOW + 1000} and set(exported.states) == {"s2"}

@@ -207,3 +207,23 @@ async def test_a_claim_first_puts_the_disk_reserve_in_place(paths: Path, keys: K
     assert not vault.reserve.path.exists()
     await Store(vault).claim(["1"], 0.0, 600, None, skip_locked=False)
     assert vault.reserve.path.stat().st_size >= vault.reserve.needed()
+
+
+async def test_storing_a_new_pair_may_spend_the_disk_reserve(
+        paths: Path, keys: KeyRing, monkeypatch: pytest.MonkeyPatch) -> None:
+    """put_account stores the pair an exchange bought with a code that is now spent: it may use the reserve."""
+    vault = Vault(paths, keys)
+    vault.reserve.ensure()
+    saves = [0]
+    save = vault.save
+
+    def full_once(data: VaultData) -> None:
+        saves[0] += 1
+        if saves[0] == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        save(data)
+
+    monkeypatch.setattr(vault, "save", full_once)
+    await Store(vault).put_account(Account("7", "https://x.amocrm.ru"))
+    assert saves[0] == 2 and not vault.reserve.path.exists()
+    assert set(Vault(paths, keys).load().accounts) == {"7"}
