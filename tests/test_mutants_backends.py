@@ -34,9 +34,13 @@ from amo_gateway.errors import (
     UpstreamUnavailable,
     VaultUndecryptable,
 )
-from amo_gateway.manager import Outcome
+from amo_gateway.manager import Outcome, TokenManager
 from amo_gateway.tokens import Account, PendingState, TokenPair, VaultData
 from amo_gateway.vault import KeyRing
+from tests.conftest import FakeClock
+from tests.test_mutants_manager import DUE, ScriptedAmo, answer
+from tests.test_mutants_manager import ID as SCRIPTED_ID
+from tests.test_mutants_manager import account as scripted_account
 
 NOW = 1_800_000_000.0
 Opener = Callable[..., Awaitable[PgStore]]
@@ -728,3 +732,24 @@ async def test_reserving_an_exchange_drops_spent_slots_and_expired_states(opened
     await store.reserve_exchange("b", NOW + 700, NOW + 1000, "s2", _pending("2"))  # "a" spent, "s1" expired
     exported = await store.export_all()
     assert exported.exchange_slots == {"b": NOW + 1000} and set(exported.states) == {"s2"}
+
+
+async def test_a_refresh_on_demand_waits_for_a_row_in_use_instead_of_skipping_it(
+        opened: Opener, database_url: str) -> None:
+    """The refresh lock keeps other claimers out, but a connect or forget may hold the row for a moment: the
+    caller who needs a fresh token waits for it (FOR UPDATE), unlike the scheduler's batch (SKIP LOCKED)."""
+    store = await opened()
+    await store.put_account(scripted_account())
+    amo = ScriptedAmo(answer(2))
+    manager = TokenManager(store, amo, store.refresh_locks(), FakeClock(DUE), margin=600)  # type: ignore[arg-type]
+    locker = await psycopg.AsyncConnection.connect(database_url)
+    try:
+        await locker.execute("SELECT 1 FROM amo_accounts WHERE account_id = %s FOR UPDATE", (SCRIPTED_ID,))
+        refresh = asyncio.ensure_future(manager.refresh(SCRIPTED_ID))
+        await asyncio.sleep(0.3)
+        assert not refresh.done() and amo.sent == []
+        await locker.commit()
+        outcome = await asyncio.wait_for(refresh, 5)
+    finally:
+        await locker.close()
+    assert outcome.result == "refreshed" and len(amo.sent) == 1
