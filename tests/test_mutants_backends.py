@@ -90,8 +90,6 @@ async def test_import_adds_every_record_keeps_the_rest_and_export_returns_them_a
     reloads: list[int] = []
     exported = await (await opened(None, lambda: reloads.append(1) or store.keys)).export_all()
     assert reloads == []  # every row under a key the ring holds: no key file read per row
-    assert await (await opened(None, lambda: reloads.append(1) or store.keys)).peek_state("s") == _pending("s")
-    assert reloads == []
     assert exported.accounts == {"7": _account("7"), "8": _account("8"), "9": _account("9")}
     assert exported.states == {"s": _pending("s"), "kept": _pending("kept")}
     assert exported.exchange_slots == {"login": NOW + 300}
@@ -753,3 +751,10 @@ async def test_a_refresh_on_demand_waits_for_a_row_in_use_instead_of_skipping_it
     finally:
         await locker.close()
     assert outcome.result == "refreshed" and len(amo.sent) == 1
+
+
+async def test_peeking_at_a_state_under_a_key_the_ring_holds_reads_no_key_file(opened: Opener) -> None:
+    await (await opened()).add_state("s", _pending("s"), NOW)
+    reloads: list[int] = []
+    reader = await opened(None, lambda: reloads.append(1) or KeyRing([]))
+    assert await reader.peek_state("s") == _pending("s") and reloads == []

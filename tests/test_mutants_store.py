@@ -227,3 +227,17 @@ async def test_storing_a_new_pair_may_spend_the_disk_reserve(
     await Store(vault).put_account(Account("7", "https://x.amocrm.ru"))
     assert saves[0] == 2 and not vault.reserve.path.exists()
     assert set(Vault(paths, keys).load().accounts) == {"7"}
+
+
+async def test_opening_on_a_full_disk_goes_on_without_the_reserve(
+        paths: Path, keys: KeyRing, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reserve is made early if there is room; a disk already full does not stop the gateway starting."""
+    Vault(paths, keys).update(_add("1"))  # type: ignore[arg-type]
+    store = Store(Vault(paths, keys))
+
+    def no_room() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store.vault.reserve, "ensure", no_room)
+    await store.open()
+    assert set((await store.snapshot()).accounts) == {"1"}
