@@ -13,14 +13,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULES = ["vault", "atomic", "store", "manager", "locks", "auth", "ratelimit"]
+MODULES = ["vault", "atomic", "store", "manager", "locks", "auth", "ratelimit", "backends.postgres",
+           "backends.pg_locks", "backends.pg_rate", "backends.pg_answers", "backends.pg_schema"]
+WIDTH = 24  # the module column: "backends.pg_answers.py" and the like
 KILLED = {"killed", "timeout", "segfault", "caught by type check"}
 
 
@@ -39,6 +45,28 @@ def run_all(max_children: int) -> int:
     return run_mutmut(max_children, again) if again else 0
 
 
+def stop_left_servers(pg_dir: Path) -> int:
+    """Stop the throwaway PostgreSQL servers (tests/pg.py) of test runs mutmut killed on a timeout.
+
+    A killed pytest never reaches its fixture's teardown, so its server would run on; every test server of
+    this run lives under `pg_dir` (AMO_TEST_PG_DIR), and nothing else does. Returns how many were stopped.
+    """
+    stopped = 0
+    for pid_file in pg_dir.glob("*/data/postmaster.pid"):
+        try:
+            pid = int(pid_file.read_text().split()[0])
+            os.kill(pid, signal.SIGQUIT)  # PostgreSQL's immediate shutdown
+        except (OSError, ValueError, IndexError):
+            continue
+        for _ in range(100):
+            if not pid_file.exists():
+                break
+            time.sleep(0.1)
+        stopped += 1
+    shutil.rmtree(pg_dir, ignore_errors=True)
+    return stopped
+
+
 def statuses() -> dict[str, str]:
     """Every mutant's name and status, as `mutmut results --all true` lists them."""
     listed = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=ROOT,
@@ -48,8 +76,9 @@ def statuses() -> dict[str, str]:
 
 
 def module_of(mutant: str) -> str:
-    """`amo_gateway.vault.xǁVaultǁsave__mutmut_3` belongs to vault."""
-    return mutant.split(".")[1]
+    """`amo_gateway.vault.xǁVaultǁsave__mutmut_3` belongs to vault, `amo_gateway.backends.pg_rate.x…` to
+    backends.pg_rate: the dotted path between the package and the mutated function's name."""
+    return mutant.rsplit(".", 1)[0].removeprefix("amo_gateway.")
 
 
 def tally(found: dict[str, str]) -> dict[str, Counter[str]]:
@@ -68,17 +97,17 @@ def rate(counts: Counter[str]) -> float:
 
 def print_table(counts: dict[str, Counter[str]], target: float) -> list[str]:
     """One line per module; returns the modules below the target."""
-    print(f"{'module':<12}{'mutants':>8}{'killed':>8}{'survived':>9}{'no tests':>9}{'other':>7}{'kill rate':>11}")
+    print(f"{'module':<{WIDTH}}{'mutants':>8}{'killed':>8}{'survived':>9}{'no tests':>9}{'other':>7}{'kill rate':>11}")
     below = []
     for module, c in counts.items():
         killed = sum(c[s] for s in KILLED)
         other = sum(c.values()) - killed - c["survived"] - c["no tests"]
         flag = "" if rate(c) >= target else f"  < {target:g}%"
         below += [module] if flag else []
-        print(f"{module + '.py':<12}{sum(c.values()):>8}{killed:>8}{c['survived']:>9}{c['no tests']:>9}{other:>7}"
+        print(f"{module + '.py':<{WIDTH}}{sum(c.values()):>8}{killed:>8}{c['survived']:>9}{c['no tests']:>9}{other:>7}"
               f"{rate(c):>10.1f}%{flag}")
     overall: Counter[str] = sum(counts.values(), Counter())
-    print(f"{'all':<12}{sum(overall.values()):>8}{sum(overall[s] for s in KILLED):>8}{overall['survived']:>9}"
+    print(f"{'all':<{WIDTH}}{sum(overall.values()):>8}{sum(overall[s] for s in KILLED):>8}{overall['survived']:>9}"
           f"{overall['no tests']:>9}{'':>7}{rate(overall):>10.1f}%")
     return below
 
@@ -93,9 +122,19 @@ def main() -> int:
     args = parser.parse_args()
     if args.fresh:
         shutil.rmtree(ROOT / "mutants", ignore_errors=True)
-    if not args.no_run and run_all(args.max_children) != 0:
-        print("mutmut run failed (see above)", file=sys.stderr)
-        return 2
+    if not args.no_run:
+        pg_dir = Path(tempfile.mkdtemp(prefix="amo-mutation-pg-"))
+        pg_dir.chmod(0o711)  # the servers run as `nobody` under root (tests/pg.py): they must reach their dirs
+        os.environ["AMO_TEST_PG_DIR"] = str(pg_dir)
+        try:
+            status = run_all(args.max_children)
+        finally:
+            left = stop_left_servers(pg_dir)
+        if left:
+            print(f"stopped {left} test PostgreSQL server(s) left by killed test runs")
+        if status != 0:
+            print("mutmut run failed (see above)", file=sys.stderr)
+            return 2
     found = statuses()
     counts = tally(found)
     below = print_table(counts, args.target)

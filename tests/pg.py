@@ -71,10 +71,12 @@ class ThrowawayPostgres:
 
     def __init__(self, bindir: Path) -> None:
         self.bindir = bindir
-        self.root = Path(tempfile.mkdtemp(prefix="amo-pg-"))
+        # AMO_TEST_PG_DIR: where scripts/mutation.py finds the servers of test runs it killed on a timeout
+        self.root = Path(tempfile.mkdtemp(prefix="amo-pg-", dir=os.environ.get("AMO_TEST_PG_DIR")))
         self.data = self.root / "data"
         self.port = _free_port()
         self._as_nobody = os.geteuid() == 0
+        self._watchdogs: list[subprocess.Popen[bytes]] = []
 
     @property
     def admin_url(self) -> str:
@@ -110,9 +112,9 @@ class ThrowawayPostgres:
         pg_ctl = [str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop"]
         if self._as_nobody:
             pg_ctl = ["runuser", "-u", "nobody", "--", *pg_ctl]
-        subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(self.root), json.dumps(pg_ctl)],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)
+        self._watchdogs.append(subprocess.Popen(
+            [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(self.root), json.dumps(pg_ctl)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
 
     def stop(self, mode: str = "fast") -> None:
         self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
@@ -123,6 +125,10 @@ class ThrowawayPostgres:
         except subprocess.CalledProcessError:
             pass  # already stopped
         shutil.rmtree(self.root, ignore_errors=True)
+        for watchdog in self._watchdogs:  # nothing left to watch
+            watchdog.kill()
+            watchdog.wait()
+        self._watchdogs.clear()
 
     def database(self) -> str:
         """A new empty database; its URL."""

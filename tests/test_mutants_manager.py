@@ -7,6 +7,7 @@ scripted per call, so each branch (skip, move, rejection, transient, the log eve
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,6 +25,8 @@ from amo_gateway.errors import (
     UpstreamRejected,
     UpstreamUnauthorized,
     UpstreamUnavailable,
+    VaultError,
+    VaultFull,
 )
 from amo_gateway.locks import RefreshLocks
 from amo_gateway.manager import REVOKED_HINT, Outcome, TokenManager, _apply, _claim
@@ -396,3 +399,77 @@ async def test_an_expired_token_is_never_handed_out_when_someone_elses_refresh_i
     setup.vault.update(lambda data: data.accounts.__setitem__(ID, account(tokens=TokenPair(
         "access-9", "refresh-9", expires_at=NOW + 7200, obtained_at=NOW + 3600))))
     assert (await manager.access(ID)).access_token == "access-9"  # once the new pair is visible, it is served
+
+
+class RefusingDisk(Store):
+    """The vault whose claim write the disk refuses (full, or not writable)."""
+
+    def __init__(self, vault: Vault, err: OSError) -> None:
+        super().__init__(vault)
+        self.err = err
+
+    async def claim(self, *args: Any, **kwargs: Any) -> Any:
+        raise self.err
+
+
+@pytest.mark.parametrize(("err", "result", "kind", "says"), [
+    (OSError(errno.ENOSPC, "No space left on device"), "refused_disk_full", VaultFull,
+     "the vault's disk has no room to store a refreshed pair: the refresh was not sent to amoCRM and the current "
+     "pair is kept; free some space"),
+    (OSError(errno.EACCES, "Permission denied"), "refused_vault_unwritable", VaultError,
+     "the vault could not be written (Permission denied): the refresh was not sent to amoCRM and the current pair "
+     "is kept"),
+])
+async def test_a_claim_the_disk_refuses_sends_nothing_and_says_why_for_every_account(
+        setup: Setup, caplog: pytest.LogCaptureFixture, err: OSError, result: str, kind: type[VaultError],
+        says: str) -> None:
+    """No room (or no write access) for the in-flight marker: no token leaves, each account is reported refused."""
+    caplog.set_level(logging.INFO, logger="amo_gateway.refresh")
+    setup.manager(ScriptedAmo(), account())
+    setup.vault.update(lambda data: data.accounts.__setitem__("43", account(account_id="43")))
+    amo = ScriptedAmo(answer(2), answer(3))
+    manager = TokenManager(RefusingDisk(setup.vault, err), amo, setup.locks, setup.clock,  # type: ignore[arg-type]
+                           margin=600)
+    seen: list[Outcome] = []
+    manager.observers.append(seen.append)
+    with pytest.raises(VaultError) as raised:
+        await manager.refresh_due([ID, "43"])
+    assert type(raised.value) is kind and raised.value.detail == says
+    assert amo.sent == []
+    assert seen == [Outcome(ID, result), Outcome("43", result)]
+    assert events(caplog) == [(logging.ERROR, f"refresh.{result}", {"accounts": f"{ID},43", "error": err.strerror,
+                                                                   "vault": str(setup.vault.path)})]
+
+
+LONG_HOST = "x" * 250 + ".attacker.example"
+
+
+@pytest.mark.parametrize(("changes", "where", "role", "logged", "lookups"), [
+    ({"api_domain": "api.attacker.example"}, {"domain": "new.amocrm.ru"}, "api_domain", "api.attacker.example", 0),
+    ({}, {"domain": "new.attacker.example", "subdomain": "new"}, "new_host", "new.attacker.example", 1),
+    ({}, {"domain": LONG_HOST}, "new_host", LONG_HOST[:253], 1),
+], ids=["api-domain", "new-host", "long-host"])
+async def test_a_host_outside_the_allowed_base_domains_is_never_contacted_and_is_logged(
+        setup: Setup, caplog: pytest.LogCaptureFixture, changes: dict[str, Any], where: dict[str, Any], role: str,
+        logged: str, lookups: int) -> None:
+    """api_domain comes from an unverified JWT claim, the lookup's answer from that host: neither may receive a
+    token unless it is `{sub}.{allowed base domain}`; the refusal is logged with the host, cut at 253 characters."""
+    caplog.set_level(logging.INFO, logger="amo_gateway.refresh")
+    manager = setup.manager(ScriptedAmo(UpstreamNotFound("gone"), answer(2), where=where), account(**changes))
+    outcome = await manager.refresh(ID)
+    assert setup.amo.sent == [(OLD_HOST, "refresh-1")] and len(setup.amo.lookups) == lookups
+    assert outcome.result == "reauth" and outcome.moved_to is None
+    assert setup.stored().base_url == OLD_HOST
+    refused = [e for e in events(caplog) if e[1] == "account.move_refused"]
+    assert refused == [(logging.WARNING, "account.move_refused", {
+        "account": ID, "role": role, "host": logged,
+        "detail": "not an amoCRM/Kommo host from AMO_ALLOWED_BASE_DOMAINS; account left as it was"})]
+
+
+async def test_a_lookup_that_names_no_domain_refuses_no_host(setup: Setup, caplog: pytest.LogCaptureFixture) -> None:
+    """No domain in the answer means no move: nothing is contacted, and no host is reported as refused."""
+    caplog.set_level(logging.INFO, logger="amo_gateway.refresh")
+    manager = setup.manager(ScriptedAmo(UpstreamNotFound("gone"), answer(2), where={"subdomain": "other"}), account())
+    outcome = await manager.refresh(ID)
+    assert outcome.result == "reauth" and setup.amo.sent == [(OLD_HOST, "refresh-1")]
+    assert [e[1] for e in events(caplog) if e[1].startswith("account.")] == []

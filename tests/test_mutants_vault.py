@@ -10,6 +10,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 from amo_gateway.errors import ConfigError, VaultError, VaultUndecryptable
+from amo_gateway.tokens import Account, VaultData
 from amo_gateway.vault import KeyRing, Vault, load_keyring, write_key_file
 
 
@@ -140,3 +141,27 @@ def test_key_errors_tell_the_operator_what_to_do() -> None:
     with pytest.raises(ConfigError) as bad:
         KeyRing(["not-a-key"])
     assert str(bad.value) == "a vault key is not a valid Fernet key (make one with `amo-gateway gen-key`)"
+
+
+def test_decode_reads_a_backup_with_the_vaults_keys_and_leaves_the_vault_file_alone(tmp_path: Path) -> None:
+    """restore's check of a backup: another vault file's bytes decrypt to its data; the live file is untouched."""
+    keys = KeyRing([Fernet.generate_key().decode()])
+    backup = Vault(tmp_path / "backup" / "vault.enc", keys)
+    backup.prepare()
+    backup.save(VaultData(accounts={"7": Account("7", "https://a.amocrm.ru")}))
+    live = Vault(tmp_path / "live" / "vault.enc", keys)
+    live.prepare()
+    live.save(VaultData())
+    before = live.path.read_bytes()
+    assert live.decode(backup.path.read_bytes()).accounts == {"7": Account("7", "https://a.amocrm.ru")}
+    assert live.path.read_bytes() == before
+    with pytest.raises(VaultUndecryptable, match="does not decrypt with the configured keys"):
+        Vault(live.path, KeyRing([Fernet.generate_key().decode()])).decode(backup.path.read_bytes())
+
+
+def test_a_key_file_that_is_not_text_is_named_in_the_error(tmp_path: Path) -> None:
+    path = tmp_path / "vault.key"
+    path.write_bytes(b"\xff\xfe not a key\n")
+    with pytest.raises(ConfigError) as refused:
+        load_keyring(path, None, None)
+    assert refused.value.detail == f"cannot read vault key file {path}: not UTF-8 text"

@@ -172,13 +172,17 @@ class PgStore:
         return self._all_stale or bool(self._stale)
 
     async def _try_catch_up(self) -> None:
+        """A reader's catch-up: a failure is not raised but logged, once, when the database was reachable before.
+
+        (`_catch_up` marks the store unhealthy itself, so whether it was healthy is read before calling it.)
+        """
+        was_healthy = self._healthy
         try:
             await self._catch_up(probe=False)
         except StateUnavailable as err:
-            if self._healthy:
+            if was_healthy:
                 event(log, "state.unreachable", level=logging.ERROR, detail=err.detail,
                       serving="cached accounts until their access tokens expire")
-            self._healthy = False
 
     async def reload(self) -> VaultData:
         """Caught up now, without waiting for announcements: what was announced, and every row written lately.
