@@ -177,12 +177,8 @@ async def test_the_file_backends_answers_keep_their_window_byte_cap_and_eviction
     assert await answers.begin("c", "b", "fp") is None  # the window has passed: the key is free again
 
 
-async def test_storing_what_amocrm_answered_may_spend_the_disk_reserve(
-        paths: Path, keys: KeyRing, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The answer exists nowhere else: a full disk frees the reserve and the write is tried again."""
-    vault = Vault(paths, keys)
-    vault.update(_add("1"))  # type: ignore[arg-type]
-    vault.reserve.ensure()
+def _disk_full_once(vault: Vault, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The vault's next save fails with ENOSPC once, then saves go through; the list counts the attempts."""
     saves = [0]
     save = vault.save
 
@@ -193,6 +189,16 @@ async def test_storing_what_amocrm_answered_may_spend_the_disk_reserve(
         save(data)
 
     monkeypatch.setattr(vault, "save", full_once)
+    return saves
+
+
+async def test_storing_what_amocrm_answered_may_spend_the_disk_reserve(
+        paths: Path, keys: KeyRing, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The answer exists nowhere else: a full disk frees the reserve and the write is tried again."""
+    vault = Vault(paths, keys)
+    vault.update(_add("1"))  # type: ignore[arg-type]
+    vault.reserve.ensure()
+    saves = _disk_full_once(vault, monkeypatch)
     failure = Outcome("1", "transient", error=UpstreamUnavailable("amoCRM failed with HTTP 502"))
     stored = await Store(vault).store_outcomes([failure], 1234.0)
     assert stored["1"].failing_since == 1234.0 and stored["1"].last_error == "amoCRM failed with HTTP 502"
@@ -214,16 +220,7 @@ async def test_storing_a_new_pair_may_spend_the_disk_reserve(
     """put_account stores the pair an exchange bought with a code that is now spent: it may use the reserve."""
     vault = Vault(paths, keys)
     vault.reserve.ensure()
-    saves = [0]
-    save = vault.save
-
-    def full_once(data: VaultData) -> None:
-        saves[0] += 1
-        if saves[0] == 1:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        save(data)
-
-    monkeypatch.setattr(vault, "save", full_once)
+    saves = _disk_full_once(vault, monkeypatch)
     await Store(vault).put_account(Account("7", "https://x.amocrm.ru"))
     assert saves[0] == 2 and not vault.reserve.path.exists()
     assert set(Vault(paths, keys).load().accounts) == {"7"}
