@@ -202,8 +202,14 @@ def _alerts_ctx(run_loop: bool):  # type: ignore[no-untyped-def]
 
 def _http_ctx(resolver: AbstractResolver | None):  # type: ignore[no-untyped-def]
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        """The one ClientSession of the process."""
-        connector = aiohttp.TCPConnector(resolver=resolver) if resolver else None
+        """The one ClientSession of the process: amoCRM's OAuth and account calls (the proxy has its own pool).
+
+        Each connection closes after its answer (`force_close`): every account lives on its own host, so pooled
+        connections are never reused across accounts, and a refresh storm over N accounts would otherwise hold
+        N idle sockets for 15 s (past the unit's LimitNOFILE=8192 with 10 000 accounts). The cost is one TCP/TLS
+        handshake per OAuth call, a few per account a day.
+        """
+        connector = aiohttp.TCPConnector(resolver=resolver, force_close=True)
         async with aiohttp.ClientSession(headers={"User-Agent": "amo-gateway"}, connector=connector) as session:
             app[HTTP_SESSION] = session
             yield

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from yarl import URL
 
 from amo_gateway.accounts import base_url_for_referer, select_account
 from amo_gateway.errors import BadRequest, NotFound, RefererRefused
@@ -191,6 +192,15 @@ async def test_refresh_storm_over_many_accounts_writes_the_vault_a_few_times(mak
     assert [o.result for o in outcomes].count("refreshed") == 40
     assert len(saves) == 2
     assert rig.sandbox.refresh_tokens_reused == 0
+    # The gateway keeps no idle socket per account host (41 without force_close): the one left is the test's
+    # own keep-alive connection, which clicked Allow on the sandbox for each consent.
+    assert _established_to(URL(rig.sandbox_url).port or 0) <= 1
+
+
+def _established_to(port: int) -> int:
+    """Open (ESTABLISHED) TCP connections whose far end is 127.0.0.1:`port`, from /proc/net/tcp."""
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return sum(1 for line in lines if line.split()[2] == f"0100007F:{port:04X}" and line.split()[3] == "01")
 
 
 async def test_refresh_storm_in_batches_keeps_at_most_two_batches_in_flight(make_rig: RigFactory) -> None:
