@@ -238,3 +238,16 @@ async def test_opening_on_a_full_disk_goes_on_without_the_reserve(
     monkeypatch.setattr(store.vault.reserve, "ensure", no_room)
     await store.open()
     assert set((await store.snapshot()).accounts) == {"1"}
+
+
+async def test_an_ordinary_update_on_a_full_disk_keeps_the_reserve_and_refuses(
+        paths: Path, keys: KeyRing, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only what amoCRM answered may spend the reserve: any other write (a state, a forget) is refused instead."""
+    vault = Vault(paths, keys)
+    vault.update(_add("1"))  # type: ignore[arg-type]
+    vault.reserve.ensure()
+    saves = _disk_full_once(vault, monkeypatch)
+    with pytest.raises(OSError):
+        await Store(vault).update(_add("2"))  # type: ignore[arg-type]
+    assert saves[0] == 1 and vault.reserve.path.exists()
+    assert set(Vault(paths, keys).load().accounts) == {"1"}
