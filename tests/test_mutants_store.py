@@ -192,13 +192,19 @@ def _disk_full_once(vault: Vault, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return saves
 
 
-async def test_storing_what_amocrm_answered_may_spend_the_disk_reserve(
-        paths: Path, keys: KeyRing, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The answer exists nowhere else: a full disk frees the reserve and the write is tried again."""
+def _one_account_disk_full_once(paths: Path, keys: KeyRing, monkeypatch: pytest.MonkeyPatch
+                                ) -> tuple[Vault, list[int]]:
+    """A vault holding account 1 with its disk reserve in place, whose next save finds the disk full once."""
     vault = Vault(paths, keys)
     vault.update(_add("1"))  # type: ignore[arg-type]
     vault.reserve.ensure()
-    saves = _disk_full_once(vault, monkeypatch)
+    return vault, _disk_full_once(vault, monkeypatch)
+
+
+async def test_storing_what_amocrm_answered_may_spend_the_disk_reserve(
+        paths: Path, keys: KeyRing, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The answer exists nowhere else: a full disk frees the reserve and the write is tried again."""
+    vault, saves = _one_account_disk_full_once(paths, keys, monkeypatch)
     failure = Outcome("1", "transient", error=UpstreamUnavailable("amoCRM failed with HTTP 502"))
     stored = await Store(vault).store_outcomes([failure], 1234.0)
     assert stored["1"].failing_since == 1234.0 and stored["1"].last_error == "amoCRM failed with HTTP 502"
@@ -243,10 +249,7 @@ async def test_opening_on_a_full_disk_goes_on_without_the_reserve(
 async def test_an_ordinary_update_on_a_full_disk_keeps_the_reserve_and_refuses(
         paths: Path, keys: KeyRing, monkeypatch: pytest.MonkeyPatch) -> None:
     """Only what amoCRM answered may spend the reserve: any other write (a state, a forget) is refused instead."""
-    vault = Vault(paths, keys)
-    vault.update(_add("1"))  # type: ignore[arg-type]
-    vault.reserve.ensure()
-    saves = _disk_full_once(vault, monkeypatch)
+    vault, saves = _one_account_disk_full_once(paths, keys, monkeypatch)
     with pytest.raises(OSError):
         await Store(vault).update(_add("2"))  # type: ignore[arg-type]
     assert saves[0] == 1 and vault.reserve.path.exists()
