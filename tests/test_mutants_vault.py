@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import logging
 import os
 import stat
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -11,7 +17,7 @@ from cryptography.fernet import Fernet
 
 from amo_gateway.errors import ConfigError, VaultError, VaultUndecryptable
 from amo_gateway.tokens import Account, VaultData
-from amo_gateway.vault import KeyRing, Vault, load_keyring, write_key_file
+from amo_gateway.vault import TEMP_TAG, KeyRing, Vault, load_keyring, write_key_file
 
 
 def test_key_file_is_written_whole_private_and_reads_back(tmp_path: Path) -> None:
@@ -165,3 +171,116 @@ def test_a_key_file_that_is_not_text_is_named_in_the_error(tmp_path: Path) -> No
     with pytest.raises(ConfigError) as refused:
         load_keyring(path, None, None)
     assert refused.value.detail == f"cannot read vault key file {path}: not UTF-8 text"
+
+
+def _full_disk_once(vault: Vault, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The vault's next save fails with ENOSPC once; the list counts the attempts."""
+    saves = [0]
+    save = vault.save
+
+    def full_once(data: VaultData) -> None:
+        saves[0] += 1
+        if saves[0] == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        save(data)
+
+    monkeypatch.setattr(vault, "save", full_once)
+    return saves
+
+
+def _one_account(data: VaultData, account_id: str = "1") -> None:
+    data.accounts[account_id] = Account(account_id, "https://a.amocrm.ru")
+
+
+def test_a_plain_vault_update_on_a_full_disk_keeps_the_reserve(tmp_path: Path, keys: KeyRing,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Vault.update spends the reserve only when told to: `restore` and `migrate-state` call it directly."""
+    vault = Vault(tmp_path / "vault.enc", keys)
+    vault.update(_one_account)
+    vault.reserve.ensure()
+    saves = _full_disk_once(vault, monkeypatch)
+    with pytest.raises(OSError):
+        vault.update(lambda data: _one_account(data, "2"))
+    assert saves[0] == 1 and vault.reserve.path.exists()
+
+
+def test_spending_the_reserve_is_logged_as_an_error_naming_the_vault(
+        tmp_path: Path, keys: KeyRing, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The disk filled while amoCRM answered: the pair is saved, and an ERROR line tells the operator why."""
+    caplog.set_level(logging.INFO, logger="amo_gateway")
+    vault = Vault(tmp_path / "vault.enc", keys)
+    vault.update(_one_account)
+    vault.reserve.ensure()
+    _full_disk_once(vault, monkeypatch)
+    vault.update(lambda data: _one_account(data, "2"), spend_reserve=True)
+    assert set(Vault(vault.path, keys).load().accounts) == {"1", "2"}
+    spent = [(r.levelno, r.name, getattr(r, "fields", None)) for r in caplog.records
+             if r.getMessage() == "vault.reserve_spent"]
+    assert spent == [(logging.ERROR, "amo_gateway.vault", {
+        "path": str(vault.path),
+        "detail": "the disk filled up while amoCRM answered; the reserve made room for the new pair"})]
+
+
+def test_the_lock_is_the_file_beside_the_vault_that_every_install_locks(tmp_path: Path, keys: KeyRing) -> None:
+    """`<vault>.lock` (README): an older CLI or a second gateway locks that very name, so it must not move."""
+    path = tmp_path / "vault.enc"
+    Vault(path, keys).update(_one_account)
+    fd = os.open(f"{path}.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    done = threading.Event()
+
+    def write() -> None:
+        Vault(path, keys).update(lambda data: _one_account(data, "2"))
+        done.set()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        assert not done.wait(0.3)  # held off by the lock another holder took on `<vault>.lock`
+    finally:
+        os.close(fd)
+    writer.join(5)
+    assert done.is_set() and set(Vault(path, keys).load().accounts) == {"1", "2"}
+
+
+def test_a_symlinked_vault_or_lock_is_refused_by_name(tmp_path: Path, keys: KeyRing) -> None:
+    """A planted symbolic link is named, with what to do about it."""
+    real = tmp_path / "elsewhere.enc"
+    real.write_bytes(b"")
+    path = tmp_path / "vault.enc"
+    path.symlink_to(real)
+    with pytest.raises(VaultError) as vault_link:
+        Vault(path, keys).prepare()
+    assert str(vault_link.value) == (f"vault path {path} is a symbolic link; point AMO_VAULT_PATH at the real"
+                                     " file")
+    path.unlink()
+    lock = tmp_path / "vault.enc.lock"
+    lock.symlink_to(real)
+    with pytest.raises(VaultError) as lock_link:
+        Vault(path, keys).update(_one_account)
+    assert str(lock_link.value) == f"{lock} is a symbolic link; refusing to follow it (remove it)"
+
+
+_KILLED_MID_WRITE = """
+import os, sys
+from pathlib import Path
+from cryptography.fernet import Fernet
+from amo_gateway.tokens import VaultData
+from amo_gateway.vault import KeyRing, Vault
+os.replace = lambda *args: os._exit(9)  # killed after the temp file is written, before it replaces the vault
+Vault(Path(sys.argv[1]), KeyRing([Fernet.generate_key().decode()])).save(VaultData())
+"""
+
+
+def test_the_temp_file_of_a_writer_killed_mid_write_is_swept_at_start(tmp_path: Path, keys: KeyRing) -> None:
+    """A writer killed before its rename leaves a whole encrypted copy behind; the next start removes it."""
+    path = tmp_path / "vault.enc"
+    Vault(path, keys).update(_one_account)
+    killed = subprocess.run([sys.executable, "-c", _KILLED_MID_WRITE, str(path)], check=False,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert killed.returncode == 9
+    left = [p.name for p in tmp_path.iterdir() if p.name.startswith("vault.enc" + TEMP_TAG)]
+    assert len(left) == 1
+    Vault(path, keys).prepare()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vault.enc", "vault.enc.lock"]
+    assert set(Vault(path, keys).load().accounts) == {"1"}
