@@ -23,11 +23,11 @@ from amo_gateway.cache import TestCache
 from amo_gateway.clock import Clock, SystemClock
 from amo_gateway.connections import ConnectionGuard, descriptor_cap
 from amo_gateway.flows import Flows
-from amo_gateway.forwarded import setup_forwarded
+from amo_gateway.forwarded import TrustedProxyForwarded
 from amo_gateway.logs import AccessLog, event
 from amo_gateway.manager import SHARED_BATCH, Outcome, TokenManager
 from amo_gateway.metrics import Metrics
-from amo_gateway.middlewares import errors_middleware
+from amo_gateway.middlewares import edge_middleware
 from amo_gateway.proxy import Proxy
 from amo_gateway.refresher import Refresher
 from amo_gateway.routes import setup_routes
@@ -68,7 +68,8 @@ def create_app(settings: Settings, *, clock: Clock | None = None, keys: KeyRing 
     """
     metrics = Metrics()
     guard = ConnectionGuard(descriptor_cap(settings.max_connections), settings.header_timeout, metrics)
-    app = web.Application(middlewares=[guard.middleware, errors_middleware], client_max_size=settings.max_body_bytes)
+    edge = edge_middleware(guard, TrustedProxyForwarded(settings.trusted_proxies))
+    app = web.Application(middlewares=[edge], client_max_size=settings.max_body_bytes)
     app[CONNECTIONS] = guard
     app[SETTINGS] = settings
     app[ACCESS_LOG] = access_log or AccessLog(settings.log_format)
@@ -95,7 +96,6 @@ def create_app(settings: Settings, *, clock: Clock | None = None, keys: KeyRing 
         app[ALERT_HISTORY] = history
     if run_refresher:
         app.cleanup_ctx.append(_refresher_ctx)
-    setup_forwarded(app, settings.trusted_proxies)
     setup_routes(app)
     return app
 

@@ -21,7 +21,7 @@ import json
 import logging
 import resource
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -37,7 +37,6 @@ _BODY = json.dumps({"error": "too_many_connections", "detail": "the gateway hold
 REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
            b"Connection: close\r\nContent-Length: " + str(len(_BODY)).encode() + b"\r\n\r\n" + _BODY)
 ACCEPT_BURST = 128  # the listen backlog aiohttp's TCPSite asks for, which is also asyncio's accepts per tick
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def descriptor_cap(wanted: int) -> int:
@@ -105,18 +104,19 @@ class ConnectionGuard:
             del self._pending[handler]  # admitted but never connected (the socket failed): stop counting it
         return [h for h in connected if h not in self._closing]
 
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Mark the connection busy while its request runs (busy connections are never evicted)."""
+    def enter(self, request: web.BaseRequest) -> RequestHandler:
+        """A request began on its connection: no longer waiting for a head, and busy (never evicted) until
+        `leave`. Called by the edge middleware (middlewares.py), so it costs no middleware layer of its own."""
         protocol = request.protocol
         timer = self._waiting.pop(protocol, None)
         if timer is not None:
             timer.cancel()
         self._busy.add(protocol)
-        try:
-            return await handler(request)
-        finally:
-            self._busy.discard(protocol)
+        return protocol
+
+    def leave(self, protocol: RequestHandler) -> None:
+        """The request that `enter` returned `protocol` for has its answer."""
+        self._busy.discard(protocol)
 
     def _evict_idle(self, live: list[RequestHandler], count: int) -> int:
         """Close up to `count` of the oldest connections with no request in progress; how many were closed.

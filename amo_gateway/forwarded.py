@@ -69,20 +69,17 @@ class TrustedProxyForwarded:
             address = address.ipv4_mapped  # a dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d
         return any(address in network for network in self._trusted)
 
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Ignore the headers from untrusted peers; otherwise let aiohttp-remotes apply them."""
+    def applies(self, request: web.BaseRequest) -> bool:
+        """True when the headers must be applied: a trusted peer that sent at least one of them."""
         headers = request.headers  # case-insensitive lookups (a set intersection would not be)
-        if not self.peer_is_trusted(request.remote) or not any(name in headers for name in _FORWARDED):
-            return await handler(request)  # untrusted peer, or nothing forwarded: no clone of the request
+        return self.peer_is_trusted(request.remote) and any(name in headers for name in _FORWARDED)
+
+    async def resolve(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Run `handler` on a clone of `request` with the forwarded client, scheme and host (aiohttp-remotes'
+        parsing: a malformed header raises 400); only when `applies`, so most requests are never cloned."""
 
         async def resolved(forwarded: web.Request) -> web.StreamResponse:
             request[CLIENT_ADDRESS] = forwarded.remote or ""
             return await handler(forwarded)
 
         return await self._parser.middleware(request, resolved)
-
-
-def setup_forwarded(app: web.Application, trusted: Iterable[str]) -> None:
-    """Append the middleware: after the errors middleware, so a malformed header is a JSON 400."""
-    app.middlewares.append(TrustedProxyForwarded(trusted).middleware)

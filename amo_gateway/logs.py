@@ -183,6 +183,8 @@ class AccessLogger(AbstractAccessLogger):
         return self.logger.isEnabledFor(logging.INFO)
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
-        remote = request.get(CLIENT_ADDRESS, request.remote)  # behind nginx: the client, not nginx
+        # Behind nginx, the client rather than nginx (forwarded.py). A request whose state is empty holds no
+        # such key: asking only then spares Mapping.get's KeyError on every direct request.
+        remote = request.get(CLIENT_ADDRESS, request.remote) if len(request) else request.remote
         self.sink.write(self.logger.name, AccessFields(request.method, request.path, response.status,
                                                        response.body_length, round(time * 1000, 2), remote))

@@ -115,14 +115,15 @@ async def authorize(request: web.Request) -> web.Response:
 
 async def token(request: web.Request) -> web.Response:
     """GET /token: the current access token for internal services; never the refresh token."""
-    caller = request.app[AUTH].consumer_or_operator(request)
+    app = request.app  # a property walking the match info: once, on the hottest endpoint
+    caller = app[AUTH].consumer_or_operator(request)
     account_id = await _account_id(request)
-    pair = await request.app[MANAGER].access(account_id)
-    if request.app[AUDIT].first_time(caller, account_id, pair.access_token):
-        request.app[AUDIT].record("token.issued", secrets={"access_token": pair.access_token}, consumer=caller,
-                                  account=account_id)
-    now = request.app[CLOCK].time()
-    why = request.app[STORE].degraded()
+    pair = await app[MANAGER].access(account_id)
+    audit = app[AUDIT]
+    if audit.first_time(caller, account_id, pair.access_token):
+        audit.record("token.issued", secrets={"access_token": pair.access_token}, consumer=caller, account=account_id)
+    now = app[CLOCK].time()
+    why = app[STORE].degraded()
     warning = {"Warning": f'199 amo-gateway "{why}: this is the token held in memory, valid until expires_at; '
                           'no refresh until the database is back"'} if why else None
     body = _token_body(pair.access_token, int(pair.expires_at), max(int(pair.expires_at - now), 0), account_id)
