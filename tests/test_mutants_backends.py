@@ -9,6 +9,7 @@ Idempotency-Key answers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -777,3 +778,47 @@ async def test_peeking_at_a_state_under_a_key_the_ring_holds_reads_no_key_file(o
     reloads: list[int] = []
     reader = await opened(None, lambda: reloads.append(1) or KeyRing([]))
     assert await reader.peek_state("s") == _pending("s") and reloads == []
+
+
+async def test_the_schedulers_batch_passes_over_a_row_in_use_and_refreshes_the_rest(
+        opened: Opener, database_url: str) -> None:
+    """The scheduler's batch claims with SKIP LOCKED: a row a connect or forget holds is skipped this round,
+    the batch's other accounts are refreshed at once, and nothing waits on the row."""
+    store = await opened()
+    await store.put_account(scripted_account())
+    await store.put_account(scripted_account(account_id="43"))
+    amo = ScriptedAmo(answer(2))
+    manager = TokenManager(store, amo, store.refresh_locks(), FakeClock(DUE), margin=600)  # type: ignore[arg-type]
+    locker = await psycopg.AsyncConnection.connect(database_url)
+    try:
+        await locker.execute("SELECT 1 FROM amo_accounts WHERE account_id = %s FOR UPDATE", (SCRIPTED_ID,))
+        outcomes = await asyncio.wait_for(manager.refresh_due([SCRIPTED_ID, "43"]), 3)
+    finally:
+        await locker.close()
+    assert sorted((o.account_id, o.result) for o in outcomes) == [("42", "skipped"), ("43", "refreshed")]
+    assert amo.sent == [(scripted_account().base_url, "refresh-1")]
+
+
+async def test_lease_statements_wait_for_a_pool_connection_only_briefly(
+        opened: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With every pooled connection busy, taking or giving back leases gives up after CONNECT_WAIT, not the
+    pool's own longer wait: /token's 503 with the database gone depends on it (a refresher batch holds the
+    account's lock meanwhile)."""
+    from amo_gateway.backends import pg_locks
+
+    store = await opened()
+    monkeypatch.setattr(pg_locks, "CONNECT_WAIT", 0.2)
+    locks = PgRefreshLocks(store.pool, 30)
+    assert await locks.try_hold_many(["1"]) == ["1"]
+    assert await locks.try_hold("2") is True
+    busy = [await store.pool.getconn(timeout=5) for _ in range(store.pool.max_size)]
+    try:
+        for attempt in (lambda: locks.try_hold_many(["3"]), lambda: locks.release_many(["1"]),
+                        lambda: locks.release("2")):
+            started = time.monotonic()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(attempt(), 10)
+            assert time.monotonic() - started < 1.5
+    finally:
+        for conn in busy:
+            await store.pool.putconn(conn)

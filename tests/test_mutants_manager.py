@@ -473,3 +473,73 @@ async def test_a_lookup_that_names_no_domain_refuses_no_host(setup: Setup, caplo
     outcome = await manager.refresh(ID)
     assert outcome.result == "reauth" and setup.amo.sent == [(OLD_HOST, "refresh-1")]
     assert [e[1] for e in events(caplog) if e[1].startswith("account.")] == []
+
+
+class CountingAmo(ScriptedAmo):
+    """amoCRM answering every refresh after a pause, counting how many are in flight at once."""
+
+    def __init__(self, pause: float = 0.02) -> None:
+        super().__init__()
+        self.pause = pause
+        self.in_flight = 0
+        self.most = 0
+        self.n = 1
+
+    async def token_from_refresh(self, base_url: str, refresh_token: str) -> dict[str, Any]:
+        self.sent.append((base_url, refresh_token))
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        try:
+            await asyncio.sleep(self.pause)
+        finally:
+            self.in_flight -= 1
+        self.n += 1
+        return answer(self.n)
+
+
+def _many(setup: Setup, count: int) -> list[str]:
+    """`count` connected accounts, all due at the setup's clock."""
+    ids = [str(100 + i) for i in range(count)]
+
+    def add(data: VaultData) -> None:
+        for account_id in ids:
+            data.accounts[account_id] = account(account_id=account_id)
+
+    setup.vault.update(add)
+    return ids
+
+
+async def test_a_storm_in_batches_keeps_one_bound_on_amocrm_calls_across_its_batches(setup: Setup) -> None:
+    """Two batches run at once, but the calls to amoCRM in flight stay within BATCH_CONCURRENCY in all."""
+    from amo_gateway.manager import BATCH_CONCURRENCY
+
+    amo = CountingAmo()
+    manager = setup.manager(amo)
+    manager.batch_size = BATCH_CONCURRENCY  # each batch alone could fill the bound
+    ids = _many(setup, 4 * BATCH_CONCURRENCY)
+    outcomes = await manager.refresh_due(ids)
+    assert [o.result for o in outcomes].count("refreshed") == len(ids)
+    assert amo.most == BATCH_CONCURRENCY
+
+
+async def test_a_failing_batch_is_raised_only_after_every_other_batch_stored_its_answers(
+        setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One batch's store fails at once; the other batch's answers (spent tokens) are stored before the raise."""
+    amo = CountingAmo(pause=0.2)
+    manager = setup.manager(amo)
+    manager.batch_size = 2
+    ids = _many(setup, 4)
+    real_claim = manager.store.claim
+
+    async def claim(account_ids: list[str], *args: Any, **kwargs: Any) -> Any:
+        if account_ids[0] == ids[0]:
+            raise VaultError("the first batch's claim fails")
+        return await real_claim(account_ids, *args, **kwargs)
+
+    monkeypatch.setattr(manager.store, "claim", claim)
+    with pytest.raises(VaultError, match="the first batch's claim fails"):
+        await manager.refresh_due(ids)
+    stored = setup.vault.read()[0].accounts
+    refresh_tokens = {a: stored[a].tokens.refresh_token for a in ids}  # type: ignore[union-attr]
+    assert sorted(refresh_tokens[a] for a in ids[2:]) == ["refresh-2", "refresh-3"]
+    assert [refresh_tokens[a] for a in ids[:2]] == ["refresh-1", "refresh-1"]
