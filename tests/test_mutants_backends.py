@@ -822,3 +822,44 @@ async def test_lease_statements_wait_for_a_pool_connection_only_briefly(
     finally:
         for conn in busy:
             await store.pool.putconn(conn)
+
+
+async def test_taking_a_state_under_a_key_the_ring_holds_reads_no_key_file(opened: Opener) -> None:
+    """The callback's pop of its state, like a peek, opens the row with the key it names: no key-file read."""
+    await (await opened()).add_state("s", _pending("s"), NOW)
+    reloads: list[int] = []
+    reader = await opened(None, lambda: reloads.append(1) or KeyRing([]))
+    assert await reader.pop_state("s") == _pending("s") and reloads == []
+
+
+async def test_forgetting_an_account_waits_for_its_row_in_use_instead_of_missing_it(
+        opened: Opener, database_url: str) -> None:
+    """Only the scheduler's batch skips locked rows: a forget waits for the claim holding the row, then deletes."""
+    store = await opened()
+    await store.put_account(_account("1"))
+    locker = await psycopg.AsyncConnection.connect(database_url)
+    try:
+        await locker.execute("SELECT 1 FROM amo_accounts WHERE account_id = '1' FOR UPDATE")
+        forgetting = asyncio.ensure_future(store.forget("1"))
+        await asyncio.sleep(0.3)
+        assert not forgetting.done()
+        await locker.commit()
+        assert await asyncio.wait_for(forgetting, 5) is True
+    finally:
+        await locker.close()
+    assert await store.account("1") is None
+
+
+async def test_a_change_without_its_database_says_why_in_one_line(opened: Opener) -> None:
+    store = await opened()
+    await store.pool.close()
+    with pytest.raises(StateUnavailable, match=r"^the PostgreSQL state is unreachable: " + CLOSED):
+        await store.put_account(_account("1"))
+
+
+def test_a_row_no_configured_key_opens_is_refused_with_what_to_check(keys: KeyRing) -> None:
+    sealed, fp = Sealer(KeyRing([Fernet.generate_key().decode()]), None).seal({"a": 1})
+    with pytest.raises(VaultUndecryptable) as refused:
+        Sealer(keys, None).open(sealed, fp)
+    assert str(refused.value) == ("a row of the shared state does not decrypt with the configured vault keys "
+                                  "(wrong key, or a key dropped too early); it was left untouched")

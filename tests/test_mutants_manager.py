@@ -543,3 +543,12 @@ async def test_a_failing_batch_is_raised_only_after_every_other_batch_stored_its
     refresh_tokens = {a: stored[a].tokens.refresh_token for a in ids}  # type: ignore[union-attr]
     assert sorted(refresh_tokens[a] for a in ids[2:]) == ["refresh-2", "refresh-3"]
     assert [refresh_tokens[a] for a in ids[:2]] == ["refresh-1", "refresh-1"]
+
+
+async def test_a_transient_failure_is_stored_with_the_time_failing_began(setup: Setup) -> None:
+    """The outcomes are stored at the manager's clock: the first failure's time is what /accounts and the
+    alerts count the outage from."""
+    manager = setup.manager(ScriptedAmo(UpstreamUnavailable("amoCRM failed with HTTP 502")), account())
+    outcome = await manager.refresh(ID)
+    assert outcome.result == "transient"
+    assert setup.stored().failing_since == DUE
