@@ -863,3 +863,34 @@ def test_a_row_no_configured_key_opens_is_refused_with_what_to_check(keys: KeyRi
         Sealer(keys, None).open(sealed, fp)
     assert str(refused.value) == ("a row of the shared state does not decrypt with the configured vault keys "
                                   "(wrong key, or a key dropped too early); it was left untouched")
+
+
+def _xmins(url: str) -> dict[str, int]:
+    """Each row's xmin: the transaction that last wrote it (an UPDATE, even to the same values, changes it)."""
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("SELECT 'a' || account_id, xmin::text FROM amo_accounts UNION ALL "
+                            "SELECT 's' || state_key, xmin::text FROM amo_states UNION ALL "
+                            "SELECT 'x' || slot, xmin::text FROM amo_exchange_slots").fetchall()
+    return {key: int(xmin) for key, xmin in rows}
+
+
+async def test_a_change_writes_back_only_the_rows_it_changed(opened: Opener, database_url: str) -> None:
+    """Rows a change read but left as they were are not rewritten: no write amplification, no needless note
+    telling the other replicas to re-read them."""
+    store = await opened()
+    for account_id in ("1", "2"):
+        await store.put_account(_account(account_id))
+    for key in ("s1", "s2"):
+        await store.add_state(key, _pending(key), NOW)
+    await store._change(lambda data: data.exchange_slots.update({"x1": NOW + 60, "x2": NOW + 60}),
+                        slots=["x1", "x2"])
+    before = _xmins(database_url)
+
+    def change_one_of_each(data: VaultData) -> None:
+        data.accounts["1"] = _account("1").with_pair(TokenPair("a-new", "r-new", NOW + 7200, NOW))
+        data.states["s1"] = _pending("changed")
+        data.exchange_slots["x1"] = NOW + 120
+
+    await store._change(change_one_of_each, accounts=["1", "2"], states=["s1", "s2"], slots=["x1", "x2"])
+    after = _xmins(database_url)
+    assert sorted(k for k in before if after[k] != before[k]) == ["a1", "ss1", "xx1"]

@@ -393,12 +393,43 @@ async def test_an_expired_token_is_never_handed_out_when_someone_elses_refresh_i
     manager.refresh = skip  # type: ignore[method-assign]
     manager.store.reload = reload  # type: ignore[method-assign]
     setup.clock.now = NOW + 3601  # the stored pair expired a second ago
-    with pytest.raises(StateUnavailable):
+    with pytest.raises(StateUnavailable) as refused:
         await manager.access(ID)
+    assert str(refused.value) == ("no unexpired access token is visible yet (another process is refreshing it, or"
+                                  " the shared state is out of reach); retry shortly")
     assert skipped == ["access-1", "access-1"] and reloads and setup.amo.sent == []
     setup.vault.update(lambda data: data.accounts.__setitem__(ID, account(tokens=TokenPair(
         "access-9", "refresh-9", expires_at=NOW + 7200, obtained_at=NOW + 3600))))
     assert (await manager.access(ID)).access_token == "access-9"  # once the new pair is visible, it is served
+
+
+async def test_a_token_still_valid_for_a_moment_is_handed_out_without_rereading_the_backend(setup: Setup) -> None:
+    """The last check is exact (no leeway): after two 'skipped' rounds a pair valid for half a second more is
+    served, not refused, and the backend is not read again for it; one that the re-read shows valid is served."""
+    manager = setup.manager(ScriptedAmo(), account())
+    await manager.connected(ID)  # the store has read the file: from here a read comes from its copy
+    reloads: list[bool] = []
+    original_reload = manager.store.reload
+    swap: list[TokenPair] = []
+
+    async def skip(account_id: str, *, seen: str | None = None) -> Outcome:
+        return Outcome(account_id, "skipped", setup.stored())
+
+    async def reload() -> Any:
+        reloads.append(True)
+        if swap:  # the other process's refresh becomes visible on this read
+            setup.vault.update(lambda data: data.accounts.__setitem__(ID, account(tokens=swap[-1])))
+        return await original_reload()
+
+    manager.refresh = skip  # type: ignore[method-assign]
+    manager.store.reload = reload  # type: ignore[method-assign]
+    setup.clock.now = NOW + 3600 - 0.5  # inside every leeway, not yet expired
+    assert (await manager.access(ID)).access_token == "access-1"
+    assert reloads == []
+    setup.clock.now = NOW + 3601  # expired; the re-read finds a pair valid for half a second more
+    swap.append(TokenPair("access-2", "refresh-2", expires_at=NOW + 3601.5, obtained_at=NOW + 1))
+    assert (await manager.access(ID)).access_token == "access-2"
+    assert reloads
 
 
 class RefusingDisk(Store):
