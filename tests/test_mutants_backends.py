@@ -894,3 +894,42 @@ async def test_a_change_writes_back_only_the_rows_it_changed(opened: Opener, dat
     await store._change(change_one_of_each, accounts=["1", "2"], states=["s1", "s2"], slots=["x1", "x2"])
     after = _xmins(database_url)
     assert sorted(k for k in before if after[k] != before[k]) == ["a1", "ss1", "xx1"]
+
+
+async def test_a_full_read_pages_through_a_server_side_cursor(opened: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start-up reads every account a page at a time on the server's side: 100 000 sealed rows never sit in
+    memory at once (README: RSS 318 MiB instead of 807)."""
+    from amo_gateway.backends import postgres
+
+    store = await opened()
+    for n in range(5):
+        await store.put_account(_account(str(n)))
+    monkeypatch.setattr(postgres, "_PAGE", 2)
+    sizes: list[int] = []
+    real = psycopg.AsyncServerCursor.fetchmany
+
+    async def fetchmany(self: psycopg.AsyncServerCursor[Any], size: int = 0) -> list[Any]:
+        sizes.append(size)
+        return await real(self, size)
+
+    monkeypatch.setattr(psycopg.AsyncServerCursor, "fetchmany", fetchmany)
+    assert sorted(await store._read_all()) == ["0", "1", "2", "3", "4"]
+    assert sizes == [2, 2, 2, 2]  # 2 + 2 + 1 rows, then an empty page
+
+
+async def test_a_full_read_waits_only_briefly_for_a_connection_and_says_why(
+        opened: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
+    from amo_gateway.backends import postgres
+
+    store = await opened()
+    monkeypatch.setattr(postgres, "READ_WAIT", 0.2)
+    busy = [await store.pool.getconn(timeout=5) for _ in range(store.pool.max_size)]
+    try:
+        started = time.monotonic()
+        with pytest.raises(StateUnavailable) as refused:
+            await asyncio.wait_for(store._read_all(), 10)
+        assert time.monotonic() - started < 1.5
+    finally:
+        for conn in busy:
+            await store.pool.putconn(conn)
+    assert str(refused.value).startswith("the PostgreSQL state is unreachable: couldn't get a connection after 0.")
