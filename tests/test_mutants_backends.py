@@ -933,3 +933,33 @@ async def test_a_full_read_waits_only_briefly_for_a_connection_and_says_why(
         for conn in busy:
             await store.pool.putconn(conn)
     assert str(refused.value).startswith("the PostgreSQL state is unreachable: couldn't get a connection after 0.")
+
+
+async def test_a_listener_back_after_a_gap_has_everything_reread_and_said_why_it_went(
+        opened: Opener, caplog: pytest.LogCaptureFixture) -> None:
+    """A change made while the listener was away is never heard: when it connects again (after 0.5 s, the
+    first pause) everything is marked stale once more, even if a reader caught up in the gap meanwhile; and
+    the loss is logged with the driver's reason."""
+    caplog.set_level(logging.WARNING, logger="amo_gateway.state")
+    reader = await _listening(await opened())
+    writer = await opened()
+    await writer.put_account(_account("1"))
+    assert (await reader.snapshot(recheck=True)).accounts["1"].tokens.access_token == "a-1"  # type: ignore[union-attr]
+    async with await psycopg.AsyncConnection.connect(reader._url, autocommit=True) as conn:
+        await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE 'LISTEN%%'")
+    lost_at = time.monotonic()
+    for _ in range(500):
+        if not reader._listening:
+            break
+        await asyncio.sleep(0.01)
+    await reader.snapshot(recheck=True)  # a reader catches up in the gap: nothing stale any more
+    changed = _account("1").with_pair(TokenPair("a-2", "r-2", expires_at=NOW + 7200, obtained_at=NOW))
+    await writer.put_account(changed)  # its note reaches nobody
+    await _listening(reader)
+    assert time.monotonic() - lost_at < 1.3  # the pause after a connection that worked is 0.5 s again
+    reader._checked_at = float("-inf")  # past the read throttle
+    assert (await reader.snapshot()).accounts["1"] == changed
+    lost = [(level, fields) for level, name, fields in _events(caplog) if name == "state.listener_lost"]
+    assert len(lost) == 2  # the reader's listener and the writer's: every LISTEN backend was terminated
+    assert all(level == logging.WARNING and fields["retry_in"] == 0.5 for level, fields in lost)
+    assert all("server closed the connection unexpectedly" in fields["detail"] for _, fields in lost)
