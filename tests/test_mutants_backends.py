@@ -963,3 +963,38 @@ async def test_a_listener_back_after_a_gap_has_everything_reread_and_said_why_it
     assert len(lost) == 2  # the reader's listener and the writer's: every LISTEN backend was terminated
     assert all(level == logging.WARNING and fields["retry_in"] == 0.5 for level, fields in lost)
     assert all("server closed the connection unexpectedly" in fields["detail"] for _, fields in lost)
+
+
+async def test_a_store_opens_its_pool_at_its_size_and_one_never_opened_says_so(
+        database_url: str, keys: KeyRing) -> None:
+    unopened = PgStore(database_url, keys)
+    with pytest.raises(StateUnavailable, match=r"^the PostgreSQL state is not open$"):
+        unopened.pool  # noqa: B018 - the property is the check
+    store = PgStore(database_url, keys, pool_size=3)
+    await store.open()
+    try:
+        assert store.pool.max_size == 3
+    finally:
+        await store.close()
+
+
+async def test_a_listener_slow_to_subscribe_does_not_hold_up_opening(
+        database_url: str, keys: KeyRing, monkeypatch: pytest.MonkeyPatch) -> None:
+    """open() waits READ_WAIT for the LISTEN, then reads anyway: a listener that connects later re-reads
+    everything, as after a gap."""
+    from amo_gateway.backends import postgres
+
+    async def never_subscribes(self: PgStore) -> None:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(postgres, "READ_WAIT", 0.2)
+    monkeypatch.setattr(PgStore, "_listen", never_subscribes)
+    store = PgStore(database_url, keys)
+    started = time.monotonic()
+    await asyncio.wait_for(store.open(), 10)
+    try:
+        assert time.monotonic() - started < 5 and not store._listening
+        await store.put_account(_account("1"))
+        assert "1" in (await store.snapshot()).accounts
+    finally:
+        await store.close()
