@@ -583,3 +583,23 @@ async def test_a_transient_failure_is_stored_with_the_time_failing_began(setup: 
     outcome = await manager.refresh(ID)
     assert outcome.result == "transient"
     assert setup.stored().failing_since == DUE
+
+
+async def test_the_batch_size_given_at_construction_splits_a_storm(
+        setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL passes a batch size (backends/__init__.py): 4 due accounts in batches of 2 are 2 claims."""
+    amo = CountingAmo(pause=0)
+    manager = TokenManager(Store(setup.vault), amo, setup.locks, setup.clock, margin=600,  # type: ignore[arg-type]
+                           batch_size=2)
+    ids = _many(setup, 4)
+    claimed: list[list[str]] = []
+    real_claim = manager.store.claim
+
+    async def claim(account_ids: list[str], *args: Any, **kwargs: Any) -> Any:
+        claimed.append(list(account_ids))
+        return await real_claim(account_ids, *args, **kwargs)
+
+    monkeypatch.setattr(manager.store, "claim", claim)
+    outcomes = await manager.refresh_due(ids)
+    assert [o.result for o in outcomes].count("refreshed") == 4
+    assert sorted(claimed) == [ids[:2], ids[2:]]
