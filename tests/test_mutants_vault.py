@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import logging
 import os
@@ -18,6 +17,7 @@ from cryptography.fernet import Fernet
 from amo_gateway.errors import ConfigError, VaultError, VaultUndecryptable
 from amo_gateway.tokens import Account, VaultData
 from amo_gateway.vault import TEMP_TAG, KeyRing, Vault, load_keyring, write_key_file
+from tests.test_mutants_store import _disk_full_once
 
 
 def test_key_file_is_written_whole_private_and_reads_back(tmp_path: Path) -> None:
@@ -173,21 +173,6 @@ def test_a_key_file_that_is_not_text_is_named_in_the_error(tmp_path: Path) -> No
     assert refused.value.detail == f"cannot read vault key file {path}: not UTF-8 text"
 
 
-def _full_disk_once(vault: Vault, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The vault's next save fails with ENOSPC once; the list counts the attempts."""
-    saves = [0]
-    save = vault.save
-
-    def full_once(data: VaultData) -> None:
-        saves[0] += 1
-        if saves[0] == 1:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        save(data)
-
-    monkeypatch.setattr(vault, "save", full_once)
-    return saves
-
-
 def _one_account(data: VaultData, account_id: str = "1") -> None:
     data.accounts[account_id] = Account(account_id, "https://a.amocrm.ru")
 
@@ -198,7 +183,7 @@ def test_a_plain_vault_update_on_a_full_disk_keeps_the_reserve(tmp_path: Path, k
     vault = Vault(tmp_path / "vault.enc", keys)
     vault.update(_one_account)
     vault.reserve.ensure()
-    saves = _full_disk_once(vault, monkeypatch)
+    saves = _disk_full_once(vault, monkeypatch)
     with pytest.raises(OSError):
         vault.update(lambda data: _one_account(data, "2"))
     assert saves[0] == 1 and vault.reserve.path.exists()
@@ -211,7 +196,7 @@ def test_spending_the_reserve_is_logged_as_an_error_naming_the_vault(
     vault = Vault(tmp_path / "vault.enc", keys)
     vault.update(_one_account)
     vault.reserve.ensure()
-    _full_disk_once(vault, monkeypatch)
+    _disk_full_once(vault, monkeypatch)
     vault.update(lambda data: _one_account(data, "2"), spend_reserve=True)
     assert set(Vault(vault.path, keys).load().accounts) == {"1", "2"}
     spent = [(r.levelno, r.name, getattr(r, "fields", None)) for r in caplog.records
