@@ -299,3 +299,13 @@ async def poll(done: Callable[[], Awaitable[bool]], limit: float, interval: floa
 def fp(token: str | None) -> str:
     """The fingerprint the gateway's in-flight marker uses."""
     return fingerprint(token)
+
+
+def max_in_window(times: list[float], window: float = 1.0) -> int:
+    """The most arrivals in any `window`-second span (half-open, as the sandbox's own limiter counts)."""
+    ordered, best, start = sorted(times), 0, 0
+    for end, t in enumerate(ordered):
+        while t - ordered[start] >= window:
+            start += 1
+        best = max(best, end - start + 1)
+    return best

@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 import psycopg
-from _harness import ACCOUNT_ID, Harness
+from _harness import ACCOUNT_ID, Harness, max_in_window
 
 from amo_gateway.vault import KeyRing
 from tests.pg import PgVaultView
@@ -31,16 +31,6 @@ def jwt_exp(token: str) -> float:
     """The sandbox's own expiry claim of an access token (a JWT); the token itself is never kept or shown."""
     payload = token.split(".")[1]
     return float(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["exp"])
-
-
-def max_in_window(times: list[float], window: float = 1.0) -> int:
-    """The most arrivals in any `window`-second span (half-open, as the sandbox's own limiter counts)."""
-    ordered, best, start = sorted(times), 0, 0
-    for end, t in enumerate(ordered):
-        while t - ordered[start] >= window:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
 
 
 class Rig(Harness):

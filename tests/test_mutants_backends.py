@@ -773,11 +773,13 @@ async def test_a_refresh_on_demand_waits_for_a_row_in_use_instead_of_skipping_it
     assert outcome.result == "refreshed" and len(amo.sent) == 1
 
 
-async def test_peeking_at_a_state_under_a_key_the_ring_holds_reads_no_key_file(opened: Opener) -> None:
+@pytest.mark.parametrize("read", ["peek_state", "pop_state"])
+async def test_reading_a_state_under_a_key_the_ring_holds_reads_no_key_file(opened: Opener, read: str) -> None:
+    """A peek, and the callback's pop of its state, open the row with the key it names: no key-file read."""
     await (await opened()).add_state("s", _pending("s"), NOW)
     reloads: list[int] = []
     reader = await opened(None, lambda: reloads.append(1) or KeyRing([]))
-    assert await reader.peek_state("s") == _pending("s") and reloads == []
+    assert await getattr(reader, read)("s") == _pending("s") and reloads == []
 
 
 async def test_the_schedulers_batch_passes_over_a_row_in_use_and_refreshes_the_rest(
@@ -811,25 +813,24 @@ async def test_lease_statements_wait_for_a_pool_connection_only_briefly(
     locks = PgRefreshLocks(store.pool, 30)
     assert await locks.try_hold_many(["1"]) == ["1"]
     assert await locks.try_hold("2") is True
-    busy = [await store.pool.getconn(timeout=5) for _ in range(store.pool.max_size)]
-    try:
+    async with _every_connection_busy(store):
         for attempt in (lambda: locks.try_hold_many(["3"]), lambda: locks.release_many(["1"]),
                         lambda: locks.release("2")):
             started = time.monotonic()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(attempt(), 10)
             assert time.monotonic() - started < 1.5
+
+
+@contextlib.asynccontextmanager
+async def _every_connection_busy(store: PgStore) -> AsyncIterator[None]:
+    """Every connection of the store's pool checked out for the duration of the block."""
+    busy = [await store.pool.getconn(timeout=5) for _ in range(store.pool.max_size)]
+    try:
+        yield
     finally:
         for conn in busy:
             await store.pool.putconn(conn)
-
-
-async def test_taking_a_state_under_a_key_the_ring_holds_reads_no_key_file(opened: Opener) -> None:
-    """The callback's pop of its state, like a peek, opens the row with the key it names: no key-file read."""
-    await (await opened()).add_state("s", _pending("s"), NOW)
-    reloads: list[int] = []
-    reader = await opened(None, lambda: reloads.append(1) or KeyRing([]))
-    assert await reader.pop_state("s") == _pending("s") and reloads == []
 
 
 async def test_forgetting_an_account_waits_for_its_row_in_use_instead_of_missing_it(
@@ -923,15 +924,11 @@ async def test_a_full_read_waits_only_briefly_for_a_connection_and_says_why(
 
     store = await opened()
     monkeypatch.setattr(postgres, "READ_WAIT", 0.2)
-    busy = [await store.pool.getconn(timeout=5) for _ in range(store.pool.max_size)]
-    try:
+    async with _every_connection_busy(store):
         started = time.monotonic()
         with pytest.raises(StateUnavailable) as refused:
             await asyncio.wait_for(store._read_all(), 10)
         assert time.monotonic() - started < 1.5
-    finally:
-        for conn in busy:
-            await store.pool.putconn(conn)
     assert str(refused.value).startswith("the PostgreSQL state is unreachable: couldn't get a connection after 0.")
 
 
