@@ -25,7 +25,7 @@ from amo_gateway.errors import ConfigError
 CLIENT_ADDRESS = web.RequestKey("client_address", str)
 
 Network = IPv4Network | IPv6Network
-_FORWARDED = ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host")
+_FORWARDED_FOR, _FORWARDED_PROTO, _FORWARDED_HOST = "X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host"
 
 
 def parse_proxies(entries: Iterable[str]) -> tuple[Network, ...]:
@@ -70,9 +70,15 @@ class TrustedProxyForwarded:
         return any(address in network for network in self._trusted)
 
     def applies(self, request: web.BaseRequest) -> bool:
-        """True when the headers must be applied: a trusted peer that sent at least one of them."""
-        headers = request.headers  # case-insensitive lookups (a set intersection would not be)
-        return self.peer_is_trusted(request.remote) and any(name in headers for name in _FORWARDED)
+        """True when the headers must be applied: a trusted peer that sent at least one of them.
+
+        The headers are asked first, one case-insensitive lookup each (a set intersection would not be
+        case-insensitive), written out rather than through any(): a direct request, the hot path's case,
+        then costs three lookups and no generator or address check.
+        """
+        headers = request.headers
+        return ((_FORWARDED_FOR in headers or _FORWARDED_PROTO in headers or _FORWARDED_HOST in headers)
+                and self.peer_is_trusted(request.remote))
 
     async def resolve(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Run `handler` on a clone of `request` with the forwarded client, scheme and host (aiohttp-remotes'

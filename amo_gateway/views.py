@@ -117,7 +117,7 @@ async def token(request: web.Request) -> web.Response:
     """GET /token: the current access token for internal services; never the refresh token."""
     app = request.app  # a property walking the match info: once, on the hottest endpoint
     caller = app[AUTH].consumer_or_operator(request)
-    account_id = await _account_id(request)
+    account_id = await _account_id(app, request)
     pair = await app[MANAGER].access(account_id)
     audit = app[AUDIT]
     if audit.first_time(caller, account_id, pair.access_token):
@@ -148,7 +148,7 @@ async def test(request: web.Request) -> web.Response:
     Anyone gets `status` and the expiry; a bearer holder also gets the account's id, subdomain and name.
     """
     caller = request.app[AUTH].optional(request)
-    account_id = await _account_id(request)
+    account_id = await _account_id(request.app, request)
     await request.app[MANAGER].connected(account_id)  # not connected / reauth: said at once, never from cache
     seconds = request.app[SETTINGS].test_cache_seconds
     body = await request.app[TEST_CACHE].get_or_probe(account_id, lambda: _probe(request.app, account_id), seconds)
@@ -185,14 +185,15 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     return await request.app[PROXY].handle(request)
 
 
-async def _account_id(request: web.Request) -> str:
+async def _account_id(app: web.Application, request: web.Request) -> str:
     """The account the request names; a miss re-reads the vault only when its file changed on disk.
 
     Another process may have just added the account, but a stranger's random `?account=` must not make
     the gateway decrypt the vault at will: the recheck is one stat, the read happens only for a new file.
+    A request without a query string (most `/token` polls) skips parsing one.
     """
-    selector = query_param(request, "account")
-    store = request.app[STORE]
+    selector = query_param(request, "account") if request.query_string else None
+    store = app[STORE]
     try:
         return select_account(await store.snapshot(), selector)
     except (NotFound, NotConnected):

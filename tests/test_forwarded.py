@@ -73,6 +73,16 @@ async def test_forged_forwarded_headers_from_an_untrusted_peer_are_ignored(
     assert await _access_remotes(client, access) == ["127.0.0.1"]
 
 
+@pytest.mark.parametrize(("header", "field"), [("X-Forwarded-For", "remote"), ("X-Forwarded-Proto", "scheme"),
+                                               ("x-forwarded-host", "host")])
+async def test_each_forwarded_header_alone_is_applied(
+        aiohttp_client: Any, tmp_path: Path, keys: KeyRing, header: str, field: str) -> None:
+    """Any one of the three, in any case, is enough for the proxy's headers to be believed (applies())."""
+    client = await _gateway(aiohttp_client, tmp_path, keys, ["127.0.0.1"])
+    resp = await client.get("/_whoami", headers={header: FORGED[header.title()]})
+    assert (await resp.json())[field] == {"remote": "203.0.113.66", "scheme": "https", "host": "evil.example"}[field]
+
+
 async def test_trusted_peer_without_forwarded_headers_is_served_as_itself(
         aiohttp_client: Any, tmp_path: Path, keys: KeyRing) -> None:
     """A local scrape or curl from the proxy host, with no X-Forwarded-For, is answered, not refused."""

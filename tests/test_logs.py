@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import logging
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer, make_mocked_request
 
 from amo_gateway.app import create_app
-from amo_gateway.logs import AccessFields, AccessLog, JsonFormatter, LogfmtFormatter, event
+from amo_gateway.logs import AccessFields, AccessLog, JsonFormatter, LogfmtFormatter, _ms, event
 from amo_gateway.serve import runner_options
 from amo_gateway.settings import Settings
 from amo_gateway.typedefs import ACCESS_LOG, MANAGER
@@ -81,21 +82,31 @@ async def test_access_log_never_writes_the_callback_query(fmt: str) -> None:
     assert "SECRET" not in stream.getvalue() and "code" not in stream.getvalue()
 
 
-AWKWARD = AccessFields("GET", '/api/v4/leads/"quoted" \\ back\nslash/ünï cödé\t=x', 404, 17, 0.25, None)
+AWKWARD = AccessFields("GET", '/api/v4/leads/"quoted" \\ back\nslash/ünï cödé\t=x', 404, 17, 0.00025, None)
 
 
 @pytest.mark.parametrize(("fmt", "formatter"), [("json", JsonFormatter()), ("logfmt", LogfmtFormatter())])
-@pytest.mark.parametrize("fields", [AccessFields("POST", "/token", 200, 1234, 3.5, "203.0.113.66"), AWKWARD])
+@pytest.mark.parametrize("fields", [AccessFields("POST", "/token", 200, 1234, 0.0035, "203.0.113.66"), AWKWARD])
 def test_access_lines_are_what_the_formatters_write(fmt: str, formatter: logging.Formatter,
                                                     fields: AccessFields) -> None:
     """The preformatted line equals the formatter's output for the same event: fields, order, escaping, ts."""
     stream = io.StringIO()
     now = 1_767_225_600.0475  # milliseconds are truncated, as logging does
-    AccessLog(fmt, stream, clock=lambda: now).write("aiohttp.access", fields)
+    AccessLog(fmt, stream, clock=lambda: now).write(fields)
     record = logging.LogRecord("aiohttp.access", logging.INFO, __file__, 0, "http.access", None, None)
     record.created, record.msecs = now, int((now - int(now)) * 1000) + 0.0
-    record.fields = fields._asdict()
+    record.fields = {"method": fields.method, "path": fields.path, "status": fields.status, "bytes": fields.bytes,
+                     "ms": round(fields.seconds * 1000, 2), "remote": fields.remote}
     assert stream.getvalue() == formatter.format(record) + "\n"
+
+
+def test_access_line_durations_are_milliseconds_to_two_decimals() -> None:
+    """The "ms" field is the duration to 0.01 ms, written short (no 0.30000000000000004), from 0 to minutes."""
+    rng = random.Random(11)
+    for seconds in [0.0, 0.001, 0.0035, 0.012345, 2.5, 61.0] + [rng.uniform(0, 120) for _ in range(2000)]:
+        ms = _ms(seconds)
+        assert abs(ms - seconds * 1000) <= 0.005 + 1e-9, seconds
+        assert ms == round(ms, 2) and len(repr(ms).partition(".")[2]) <= 2, (seconds, ms)
 
 
 async def test_access_lines_are_buffered_and_written_within_the_interval() -> None:
@@ -109,7 +120,7 @@ async def test_access_lines_are_buffered_and_written_within_the_interval() -> No
 
     sink = AccessLog("json", Recorder(), flush_every=0.05)
     for status in range(200, 300):
-        sink.write("aiohttp.access", AccessFields("GET", "/token", status, 10, 0.1, "127.0.0.1"))
+        sink.write(AccessFields("GET", "/token", status, 10, 0.0001, "127.0.0.1"))
     assert writes == []
     await asyncio.sleep(0.2)
     assert len(writes) == 1 and writes[0].count("\n") == 100
@@ -120,7 +131,7 @@ async def test_a_full_buffer_is_written_at_once() -> None:
     stream = io.StringIO()
     sink = AccessLog("json", stream, flush_every=60, max_pending=3)
     for _ in range(3):
-        sink.write("aiohttp.access", AccessFields("GET", "/token", 200, 10, 0.1, "127.0.0.1"))
+        sink.write(AccessFields("GET", "/token", 200, 10, 0.0001, "127.0.0.1"))
     assert stream.getvalue().count("\n") == 3
 
 
