@@ -22,12 +22,12 @@ from amo_gateway.backends import open_audit, open_outbox, open_refresh_budget, o
 from amo_gateway.cache import TestCache
 from amo_gateway.clock import Clock, SystemClock
 from amo_gateway.connections import ConnectionGuard, descriptor_cap
+from amo_gateway.edge import Edge
 from amo_gateway.flows import Flows
 from amo_gateway.forwarded import TrustedProxyForwarded
 from amo_gateway.logs import AccessLog, event
 from amo_gateway.manager import SHARED_BATCH, Outcome, TokenManager
 from amo_gateway.metrics import Metrics
-from amo_gateway.middlewares import edge_middleware
 from amo_gateway.proxy import Proxy
 from amo_gateway.refresher import Refresher
 from amo_gateway.routes import setup_routes
@@ -40,6 +40,7 @@ from amo_gateway.typedefs import (
     AUTH,
     CLOCK,
     CONNECTIONS,
+    EDGE,
     FLOWS,
     HTTP_SESSION,
     MANAGER,
@@ -68,8 +69,9 @@ def create_app(settings: Settings, *, clock: Clock | None = None, keys: KeyRing 
     """
     metrics = Metrics()
     guard = ConnectionGuard(descriptor_cap(settings.max_connections), settings.header_timeout, metrics)
-    edge = edge_middleware(guard, TrustedProxyForwarded(settings.trusted_proxies))
-    app = web.Application(middlewares=[edge], client_max_size=settings.max_body_bytes)
+    edge = Edge(guard, TrustedProxyForwarded(settings.trusted_proxies))
+    app = web.Application(client_max_size=settings.max_body_bytes)  # no middleware: see edge.py
+    app[EDGE] = edge
     app[CONNECTIONS] = guard
     app[SETTINGS] = settings
     app[ACCESS_LOG] = access_log or AccessLog(settings.log_format)
@@ -96,7 +98,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None, keys: KeyRing 
         app[ALERT_HISTORY] = history
     if run_refresher:
         app.cleanup_ctx.append(_refresher_ctx)
-    setup_routes(app)
+    setup_routes(app, edge)
     return app
 
 

@@ -106,7 +106,7 @@ class ConnectionGuard:
 
     def enter(self, request: web.BaseRequest) -> RequestHandler:
         """A request began on its connection: no longer waiting for a head, and busy (never evicted) until
-        `leave`. Called by the edge middleware (middlewares.py), so it costs no middleware layer of its own."""
+        `leave`. Called by the edge (edge.py) around every handler."""
         protocol = request.protocol
         timer = self._waiting.pop(protocol, None)
         if timer is not None:

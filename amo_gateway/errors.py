@@ -1,4 +1,4 @@
-"""Domain errors, each with a stable machine code; the edge (middlewares.py) turns them into HTTP answers.
+"""Domain errors, each with a stable machine code; the edge (edge.py) turns them into HTTP answers.
 
     GatewayError
     ├── ConfigError               settings missing or invalid (start-up stops)

@@ -95,9 +95,9 @@ class AccessLog:
     seconds are formatted together at flush time (one f-string each, with the same fields, order and escaping
     as JsonFormatter/LogfmtFormatter) and go out in one write. Measured inside the service, a request's `log`
     costs about 3 us and its share of the flush about 2 us, where formatting each line between requests cost
-    about 11 (README, Performance). A timer armed by the first pending line bounds the wait; the app's cleanup_ctx (`lifetime`) writes what is left at
-    shutdown. Access lines may therefore reach the journal up to FLUSH_EVERY after other events logged later;
-    each carries its own time.
+    about 11 (README, Performance). A timer armed by the first pending line bounds the wait; the app's
+    cleanup_ctx (`lifetime`) writes what is left at shutdown. Access lines may therefore reach the journal up
+    to FLUSH_EVERY after other events logged later; each carries its own time.
     """
 
     def __init__(self, fmt: str = "json", stream: TextIO | None = None, *, flush_every: float = FLUSH_EVERY,

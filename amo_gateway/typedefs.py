@@ -15,6 +15,7 @@ from amo_gateway.backends.base import StateStore
 from amo_gateway.cache import TestCache
 from amo_gateway.clock import Clock
 from amo_gateway.connections import ConnectionGuard
+from amo_gateway.edge import Edge
 from amo_gateway.flows import Flows
 from amo_gateway.logs import AccessLog
 from amo_gateway.manager import TokenManager
@@ -43,5 +44,6 @@ AlertHistory = Callable[[str | None], Awaitable[list[dict[str, Any]]]]
 ALERT_HISTORY: web.AppKey[AlertHistory] = web.AppKey("alert_history")
 
 CONNECTIONS = web.AppKey("connections", ConnectionGuard)
+EDGE = web.AppKey("edge", Edge)  # wraps every route's handler (routes.py); tests wrap theirs with it
 ALERTS = web.AppKey("alerts", AlertService)
 ACCESS_LOG = web.AppKey("access_log", AccessLog)

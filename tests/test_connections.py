@@ -22,8 +22,8 @@ from aiohttp import web
 from cryptography.fernet import Fernet
 
 from amo_gateway.connections import ACCEPT_FAILED, AcceptErrors, ConnectionGuard, GuardedRunner, descriptor_cap
+from amo_gateway.edge import Edge
 from amo_gateway.forwarded import TrustedProxyForwarded
-from amo_gateway.middlewares import edge_middleware
 from amo_gateway.settings import Settings
 from tests.conftest import free_port
 from tests.deploy_procs import ROOT, Process, port_open, wait_until
@@ -41,9 +41,10 @@ async def _serve(guard: ConnectionGuard, release: asyncio.Event) -> tuple[Guarde
         await release.wait()
         return web.json_response({"status": "late"})
 
-    app = web.Application(middlewares=[edge_middleware(guard, TrustedProxyForwarded([]))])
-    app.router.add_get("/ok", ok)
-    app.router.add_get("/slow", slow)
+    edge = Edge(guard, TrustedProxyForwarded([]))
+    app = web.Application()
+    app.router.add_get("/ok", edge(ok))
+    app.router.add_get("/slow", edge(slow))
     runner = GuardedRunner(app, guard, shutdown_timeout=1)
     await runner.setup()
     port = free_port()

@@ -18,6 +18,7 @@ from amo_gateway.forwarded import TrustedProxyForwarded
 from amo_gateway.logs import AccessLog
 from amo_gateway.serve import runner_options
 from amo_gateway.settings import Settings
+from amo_gateway.typedefs import EDGE
 from amo_gateway.vault import KeyRing
 
 FORGED = {"X-Forwarded-For": "203.0.113.66", "X-Forwarded-Proto": "https", "X-Forwarded-Host": "evil.example"}
@@ -34,7 +35,7 @@ async def _gateway(aiohttp_client: Any, tmp_path: Path, keys: KeyRing, trusted: 
     settings = Settings.model_validate({"vault_path": tmp_path / "vault" / "vault.enc", "trusted_proxies": trusted})
     sink = AccessLog(settings.log_format, access)
     app = create_app(settings, keys=keys, run_refresher=False, access_log=sink)
-    app.router.add_get("/_whoami", _whoami)
+    app.router.add_get("/_whoami", app[EDGE](_whoami))
     server = TestServer(app, host="127.0.0.1")
     await server.start_server(**runner_options(settings, sink))
     client: TestClient[Any, Any] = await aiohttp_client(server)

@@ -62,6 +62,20 @@ async def test_unknown_path_and_wrong_method_are_json(rig: Rig) -> None:
     assert (resp.status, (await resp.json())["error"]) == (404, "not_found")
     resp = await rig.client.get(rig.url("/exchange-api-key"))
     assert (resp.status, (await resp.json())["error"]) == (405, "method_not_allowed")
+    assert resp.headers["Allow"] == "POST" and resp.headers["X-Amo-Gateway-Error"] == "method_not_allowed"
+    resp = await rig.client.delete("/healthz")
+    assert (resp.status, set(resp.headers["Allow"].split(","))) == (405, {"GET", "HEAD"})
+
+
+@pytest.mark.parametrize("path", ["/", "/nope/%0A/x", "/%2F%2F", "/api/v1/integrations/amo-crm/tokens",
+                                  "/api/v1/integrations/amo-crm/console/static/a/b"])
+@pytest.mark.parametrize("method", ["GET", "POST", "PATCH", "OPTIONS"])
+async def test_every_unrouted_request_gets_the_json_404(rig: Rig, path: str, method: str) -> None:
+    """The catch-all behind the edge (edge.not_routed) answers any path and method no route takes."""
+    resp = await rig.client.request(method, path)
+    assert resp.status == 404
+    assert resp.headers["X-Amo-Gateway-Error"] == "not_found"
+    assert (await resp.json())["error"] == "not_found"
 
 
 async def test_malformed_input_leaves_the_stored_pair_alone(rig: Rig) -> None:
