@@ -88,8 +88,9 @@ CATCH_ALL = r"/{path:[\s\S]*}"  # routes.py adds it last; aiohttp tries it after
 async def not_routed(request: web.Request) -> web.StreamResponse:
     """A path no other route serves: 405 with Allow when its path takes other methods, else 404."""
     allowed: set[str] = set()
+    catch_all = request.match_info.route.resource
     for resource in request.app.router.resources():
-        if resource is not request.match_info.route.resource:  # every route but this catch-all
+        if resource is not catch_all:
             allowed |= (await resource.resolve(request))[1]
     if allowed:
         raise web.HTTPMethodNotAllowed(request.method, allowed)

@@ -165,15 +165,20 @@ class AccessLog:
         yield
         self.flush()
 
-    def logger_class(self) -> type[AccessLogger]:
-        """The `access_log_class` for aiohttp, writing here (aiohttp builds one instance per connection)."""
+    def logger_class(self) -> type[AbstractAccessLogger]:
+        """The `access_log_class` for aiohttp (which builds one instance per connection): its `log` is this
+        sink's, so a request costs one Python call. It logs the method and the path WITHOUT the query (the
+        callback's carries code and state), the status, size, duration and client."""
 
-        class BoundAccessLogger(AccessLogger):
-            """AccessLogger whose `log` is this sink's: one Python call per request."""
-
+        class AccessLogger(AbstractAccessLogger):
             log = staticmethod(self.log)
 
-        return BoundAccessLogger
+            @property
+            def enabled(self) -> bool:
+                """aiohttp skips the access log entirely (no per-request call) when INFO is off."""
+                return self.logger.isEnabledFor(logging.INFO)
+
+        return AccessLogger
 
     def _timestamp(self, now: float) -> str:
         """JsonFormatter's `ts` for `now`; strftime runs once a second, not once a line."""
@@ -209,18 +214,3 @@ def _logfmt_line(ts: str, head: str, method: str, path: str, status: int, size: 
     """Byte for byte what LogfmtFormatter writes for the same event."""
     return (f"ts={ts} {head}method={_logfmt_value(method)} path={_logfmt_value(path)} status={status} "
             f"bytes={size} ms={_ms(seconds)!r} remote={_logfmt_value(remote)}\n")
-
-
-class AccessLogger(AbstractAccessLogger):
-    """Method, path WITHOUT query (the callback's carries code and state), status, size, duration, client.
-
-    AccessLog.logger_class binds `log` to a sink; aiohttp constructs this class itself, once per connection.
-    """
-
-    @property
-    def enabled(self) -> bool:
-        """aiohttp skips the access log entirely (no per-request call) when INFO is off."""
-        return self.logger.isEnabledFor(logging.INFO)
-
-    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
-        raise NotImplementedError("use AccessLog.logger_class()")
