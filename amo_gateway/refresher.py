@@ -14,6 +14,7 @@ from amo_gateway.tokens import VaultData, account_due_at, backoff_delay
 log = logging.getLogger("amo_gateway.refresh")
 ERROR_PAUSE = 30.0
 WATCH = 1.0  # seconds between looks at the shared state while asleep: another process's write re-plans
+MIN_SLEEP = 0.05
 LONG_LIVED_WARNING = 14 * 86400  # two weeks' notice to mint a new long-lived token
 
 
@@ -84,9 +85,11 @@ class Refresher:
         await self.tick()
         data = await self.manager.store.snapshot(recheck=True)  # what the plan and the change watch start from
         self.watch_long_lived(data)
-        _, next_at = plan(data, self.clock.time(), self.margin, self._retry_at)
+        due, next_at = plan(data, self.clock.time(), self.margin, self._retry_at)
+        if due:  # fell due since the tick (a sleep ends a hair early by the loop's clock): go round again now
+            return MIN_SLEEP
         delay = self.recheck if next_at is None else min(next_at - self.clock.time(), self.recheck)
-        return max(delay, 0.05)
+        return max(delay, MIN_SLEEP)
 
     def watch_long_lived(self, data: VaultData) -> list[str]:
         """Warn (at most hourly per account) when a long-lived token, which nobody refreshes, nears expiry."""

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from amo_gateway.tokens import CONNECTED, REAUTH_REQUIRED, Account
+from amo_gateway.refresher import MIN_SLEEP
+from amo_gateway.tokens import CONNECTED, REAUTH_REQUIRED, Account, account_due_at
 from amo_gateway.typedefs import MANAGER, REFRESHER
 from tests.conftest import ACCOUNT_ID, FakeClock, Rig, RigFactory
 
@@ -60,6 +61,32 @@ async def test_background_task_refreshes_with_no_traffic(make_rig: RigFactory) -
             break
         await asyncio.sleep(0.05)
         clock.advance(0)  # wake sleepers so they re-check
+    assert rig.sandbox.refresh_attempts == 1
+
+
+async def test_a_pair_falling_due_during_a_round_is_refreshed_at_once_not_after_recheck(
+        make_rig: RigFactory) -> None:
+    """The sleep ends a hair before the due time (the loop's clock is not the wall clock, uvloop's ticks are 1 ms):
+    the round's tick finds nothing due, the plan a moment later finds the pair due. The next round must come at
+    once; it used to be planned only from the pairs still ahead, so the refresher slept `recheck` (60 s) past the
+    due time (caught by the SIGKILL alert test on a loaded CI machine)."""
+    rig, clock = await _rig(make_rig)
+    refresher = rig.app[REFRESHER]
+    due_at = account_due_at(_stored(rig), refresher.margin)
+    assert due_at is not None
+    clock.now = due_at - 0.0005
+    tick = refresher.tick
+
+    async def tick_then_cross_the_due_time() -> list[object]:
+        outcomes = await tick()
+        clock.advance(0.001)
+        return outcomes  # type: ignore[return-value]
+
+    refresher.tick = tick_then_cross_the_due_time  # type: ignore[method-assign]
+    assert await refresher._round() == MIN_SLEEP
+    assert rig.sandbox.refresh_attempts == 0
+    refresher.tick = tick  # type: ignore[method-assign]
+    assert await refresher._round() > MIN_SLEEP  # the next round refreshed it; the new pair is far off
     assert rig.sandbox.refresh_attempts == 1
 
 
