@@ -14,7 +14,7 @@ from amo_gateway.tokens import VaultData, account_due_at, backoff_delay
 log = logging.getLogger("amo_gateway.refresh")
 ERROR_PAUSE = 30.0
 WATCH = 1.0  # seconds between looks at the shared state while asleep: another process's write re-plans
-MIN_SLEEP = 0.05
+MIN_SLEEP = 0.05  # the shortest pause between rounds: a round that finds work due never spins
 LONG_LIVED_WARNING = 14 * 86400  # two weeks' notice to mint a new long-lived token
 
 
