@@ -51,8 +51,9 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 SCREENSHOTS = ROOT / "var" / "screenshots"
 DESKTOP = {"width": 1280, "height": 860}
 PHONE = {"width": 390, "height": 844}
-# The page scrolls sideways, and if so which elements stick out (tag.class, right edge): the failure names them.
-OVERFLOWING = """() => document.documentElement.scrollWidth <= window.innerWidth ? [] :
+FITS = "document.documentElement.scrollWidth <= window.innerWidth"  # no sideways scrolling
+# If the page scrolls sideways, which elements stick out (tag.class, right edge): the failure names them.
+OVERFLOWING = "() => " + FITS + """ ? [] :
     [...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right > window.innerWidth + 0.5)
       .map(e => `${e.tagName.toLowerCase()}.${e.className}: ${Math.round(e.getBoundingClientRect().right)}`)
       .concat([`scrollWidth ${document.documentElement.scrollWidth}, innerWidth ${window.innerWidth}`])"""
@@ -174,7 +175,7 @@ def _assert_fits_the_screen(page: Any) -> None:
 
     page.evaluate("() => document.fonts.ready.then(() => true)")
     with contextlib.suppress(Timeout):  # never fits: the assertion below names the culprits
-        page.wait_for_function("() => document.documentElement.scrollWidth <= window.innerWidth", timeout=5000)
+        page.wait_for_function(f"() => {FITS}", timeout=5000)
     wide = page.evaluate(OVERFLOWING)
     assert wide == [], f"wider than the {PHONE['width']} px screen: {wide}"
 
